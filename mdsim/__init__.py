@@ -1,0 +1,2 @@
+"""mdsim: StABlE training of machine-learned interatomic potentials."""
+__version__ = "0.1.0"

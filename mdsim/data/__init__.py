@@ -1,0 +1,1 @@
+from .format import SplitData, load_split, save_split, split_dir, load_metadata, save_metadata  # noqa: F401
