@@ -1,0 +1,64 @@
+"""The batched MD state: R replicas of one system stepped together."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MDState:
+    positions: Tensor  # (R, N, 3) Å, unwrapped
+    velocities: Tensor  # (R, N, 3) Å / ASE time
+    forces: Tensor  # (R, N, 3) eV/Å at ``positions``
+    energy: Tensor  # (R,) eV potential energy at ``positions``
+    masses: Tensor  # (N,) amu
+    cell: Optional[Tensor] = None  # (R, 3, 3) Å or None
+    zeta: Optional[Tensor] = None  # (R,) Nosé–Hoover friction (1/ASE time)
+    step: Optional[Tensor] = None  # (R,) long, steps since the replica's last (re)start
+    stable: Optional[Tensor] = None  # (R,) bool, False once a replica went unstable
+    replica: Optional[Tensor] = None  # (R,) long, replica id
+
+    def __post_init__(self):
+        R = self.positions.shape[0]
+        dev = self.positions.device
+        if self.zeta is None:
+            self.zeta = torch.zeros(R, dtype=self.positions.dtype, device=dev)
+        if self.step is None:
+            self.step = torch.zeros(R, dtype=torch.long, device=dev)
+        if self.stable is None:
+            self.stable = torch.ones(R, dtype=torch.bool, device=dev)
+        if self.replica is None:
+            self.replica = torch.arange(R, device=dev)
+
+    @property
+    def n_replicas(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.positions.shape[1])
+
+    def kinetic_energy(self) -> Tensor:
+        """(R,) eV."""
+        return 0.5 * (self.masses[None, :, None] * self.velocities ** 2).sum(dim=(1, 2))
+
+    def temperature(self) -> Tensor:
+        """(R,) instantaneous kinetic temperature in K with 3N degrees of freedom."""
+        from mdsim.units import KB
+        return 2.0 * self.kinetic_energy() / (3 * self.n_atoms * KB)
+
+    def clone(self) -> "MDState":
+        return replace(self, **{f.name: (getattr(self, f.name).clone() if getattr(self, f.name) is not None
+                                         and f.name != "masses" else getattr(self, f.name))
+                                for f in fields(self)})
+
+    def select(self, idx) -> "MDState":
+        """State restricted to replicas ``idx`` (masses shared)."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v if (v is None or f.name == "masses") else v[idx]
+        return MDState(**kw)
