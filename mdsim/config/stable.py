@@ -1,0 +1,139 @@
+"""Schema of StABlE training / simulation configs (``configs/stable_training/**``).
+
+Keys and defaults follow the original's YAML files (spec §8.1); additions are marked "(new)".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from .core import ConfigError, option
+
+INTEGRATORS = ("NoseHoover", "Langevin", "VelocityVerlet")
+CRITERIA = ("bond_length_deviation", "imd", "rdf")
+OBSERVABLES = ("rdf", "imd", "bond_length_dev", "adf", "vacf")
+
+
+@dataclass
+class IntegratorConfig:
+    ttime: float = option(20.0, "Nosé–Hoover thermostat time in units of the timestep "
+                          "(Q = 3N kT (ttime·dt)²).", min=0.0)
+    gamma: float = option(0.1, "Langevin friction in ps⁻¹.", min=0.0)
+    timestep: Optional[float] = option(None, "Compatibility alias of the top-level `timestep` (fs).",
+                                       compat=True)
+    temperature: Optional[float] = option(None, "Compatibility alias of the top-level `temperature` (K).",
+                                          compat=True)
+
+
+@dataclass
+class StableConfig:
+    # ---- data / system
+    src: str = option("data", "Data root written by download_stable_paper_data.py (original: DATAPATH).")
+    name: str = option("md17", "Dataset family: md17, md22, water or xtb (folder under `src`).")
+    molecule: Optional[str] = option("aspirin", "Molecule (null for water, which has no molecule level).")
+    size: str = option("1k", "Size tag of the pretraining split (1k, 10k, 25percent, ...).")
+    max_size: Optional[str] = option(None, "(new) Size tag whose splits give the reference observables "
+                                     "(original: 10k for md17/water, 100percent for md22). null = `size`.")
+    # ---- model
+    model: str = option("schnet", "Model name (schnet, nequip, dimenet_pp).")
+    l_max: int = option(1, "NequIP folder tag (lmax=<l>) of the pretrained model.", min=0)
+    checkpoint_epoch: int = option(-1, "-1 = the best pretrained checkpoint.")
+    model_dir: str = option("qm_pretrained_checkpoints", "Root of the pretrained checkpoints.")
+    pretrained_checkpoint: Optional[str] = option(
+        None, "(new) Explicit path of the pretrained checkpoint; overrides the model_dir lookup.")
+    # ---- outputs
+    log_dir: str = option("./", "Output root.")
+    results_dir: str = option("stable_training_results", "Subfolder of log_dir for runs.")
+    exp_name: str = option("final", "Run tag used in the run folder name.")
+    seed: int = option(123, "Random seed (used, unlike the original).")
+    # ---- observables
+    dr: float = option(0.02, "RDF bin width (Å).", min=1e-6)
+    max_rdf_dist: float = option(10.0, "RDF range (Å).", min=0.0)
+    gaussian_width: float = option(0.01, "Gaussian smearing σ of the differentiable RDF (Å).", min=0.0)
+    angle_range: List[float] = option(default_factory=lambda: [0.0, 180.0], doc="ADF range (degrees).")
+    vacf_window: int = option(100, "VACF lags (samples).", min=2)
+    n_dump_vacf: int = option(2, "Stride between VACF windows during training.", min=1)
+    # ---- MD
+    integrator: str = option("NoseHoover", "MD integrator.", choices=INTEGRATORS)
+    integrator_config: IntegratorConfig = option(default_factory=IntegratorConfig,
+                                                 doc="Integrator parameters.")
+    timestep: float = option(0.5, "MD timestep (fs).", min=0.0)
+    temperature: float = option(500.0, "Simulation temperature (K).", min=0.0)
+    data_temperature: Optional[float] = option(
+        None, "(new) Temperature of the reference data (K) for RDF reweighting; null = the value "
+        "stored in the data (500 K if absent, as the original).")
+    steps: int = option(2000, "MD steps per epoch.", min=1)
+    eq_steps: int = option(0, "Steps skipped at the start of each epoch before recording.", min=0)
+    n_dump: int = option(100, "Frame stride (steps) for stored frames, stability checks and dumps.", min=1)
+    n_replicas: int = option(128, "Number of parallel replicas.", min=1)
+    ic_stddev: float = option(0.0, "Gaussian noise added to initial positions (Å).", min=0.0)
+    # ---- mode
+    train: bool = option(True, "True = StABlE training, False = evaluation (simulate.yml).")
+    eval_model: str = option("pre", "Checkpoint to evaluate: pre, <size> (10k, 50k...), lmax=<l>, post, "
+                             "post_cycle<c>, post_cycle<c>_epoch<e>.")
+    # ---- stability
+    stability_criterion: str = option("bond_length_deviation", "Stability check.", choices=CRITERIA)
+    bond_dev_tol: float = option(0.25, "Max bond-length deviation tolerated (Å).", min=0.0)
+    imd_tol: float = option(1.2, "Min intermolecular distance tolerated (Å); RDF-MAE bound for `rdf`.",
+                            min=0.0)
+    max_frac_unstable_threshold: float = option(0.75, "Unstable fraction that starts learning "
+                                                "(training) or ends the run (evaluation).", min=0.0, max=1.0)
+    min_frac_unstable_threshold: float = option(0.0, "Unstable fraction at or below which a learning "
+                                                "cycle ends.", min=0.0, max=1.0)
+    # ---- learning
+    training_observable: str = option("rdf", "Observable matched by the Boltzmann estimator.",
+                                      choices=OBSERVABLES)
+    n_local_neighborhoods: int = option(64, "Water: neighbourhoods per frame (localized estimator).", min=1)
+    n_closest_molecules: int = option(0, "Water: molecules around each neighbourhood centre.", min=0)
+    obs_loss_weight: float = option(1.0, "Observable loss weight; 0 disables all parameter updates. "
+                                    "Scales the observable gradient (the original only scaled the "
+                                    "logged loss; see `original_obs_weighting`).")
+    energy_force_loss_weight: float = option(10.0, "Weight w of the QM energy/force gradient.", min=0.0)
+    only_learn_if_unstable_threshold_reached: bool = option(True, "Learn only once the unstable "
+                                                            "fraction reaches max_frac_unstable_threshold.")
+    only_train_on_unstable_replicas: bool = option(False, "Estimator samples only from unstable replicas.")
+    minibatch_size: int = option(40, "Estimator / energy-force minibatch size.", min=1)
+    gradient_clipping: bool = option(True, "Clip the total gradient norm.")
+    grad_clip_norm_threshold: float = option(1.0, "Gradient-norm clip.", min=0.0)
+    shuffle: bool = option(True, "Shuffle estimator samples.")
+    optimizer: str = option("SGD", "Outer optimizer.", choices=("SGD", "Adam"))
+    lr: float = option(0.001, "Learning rate while learning.", min=0.0)
+    max_times_reduce_lr: int = option(2, "LR reductions (×0.2) before a cycle ends.", min=0)
+    reset_probability: float = option(0.05, "Fraction of stable replicas randomly reset each "
+                                      "simulation epoch.", min=0.0, max=1.0)
+    n_epochs: int = option(500, "Epochs.", min=1)
+    boltzmann_scale_by_kT: bool = option(True, "(new) Include the 1/kT factor of the Boltzmann "
+                                         "estimator (the original drops it: set false to compare).")
+    original_obs_weighting: bool = option(False, "(new) Reproduce the original: obs_loss_weight scales "
+                                          "only the logged loss, not the gradient.")
+    # ---- performance / device
+    device: str = option("auto", "(new) cpu, cuda, cuda:N or auto.")
+    md_backend: str = option("eager", "(new) eager, compile or cuda_graph MD rollouts.",
+                             choices=("eager", "compile", "cuda_graph"))
+    dtype: str = option("float32", "(new) Simulation dtype.", choices=("float32", "float64"))
+    progress: bool = option(True, "(new) tqdm progress bars.")
+    # ---- accepted for compatibility, no effect
+    diameter_viz: float = option(0.08, "GSD visualisation diameter (no effect).", compat=True)
+    normalize_labels: bool = option(False, "Unused by the original (no effect).", compat=True)
+    rdf_peak: float = option(1.0, "Unused (no effect).", compat=True)
+    dv: float = option(0.1, "Unused (no effect).", compat=True)
+    diffusion_window: int = option(1000, "Unused (no effect).", compat=True)
+    adjoint: bool = option(False, "Unused (no effect).", compat=True)
+    use_mse_gradient: bool = option(True, "Legacy key (no effect).", compat=True)
+    rdf_loss_weight: float = option(1.0, "Legacy key (no effect).", compat=True)
+    adf_loss_weight: float = option(0.0, "Legacy key (no effect).", compat=True)
+    vacf_loss_weight: float = option(0.0, "Legacy key (no effect).", compat=True)
+    diffusion_loss_weight: float = option(0.0, "Legacy key (no effect).", compat=True)
+    allow_off_policy_updates: bool = option(False, "Legacy key (no effect).", compat=True)
+
+    def validate(self, where=""):
+        if self.angle_range and (len(self.angle_range) != 2 or self.angle_range[0] >= self.angle_range[1]):
+            raise ConfigError(f"angle_range: expected [low, high] with low < high, got {self.angle_range}")
+        if self.min_frac_unstable_threshold > self.max_frac_unstable_threshold:
+            raise ConfigError("min_frac_unstable_threshold must not exceed max_frac_unstable_threshold")
+        if self.eq_steps >= self.steps:
+            raise ConfigError(f"eq_steps ({self.eq_steps}) must be smaller than steps ({self.steps})")
+        import re
+        if not re.fullmatch(r"pre|post|\d+k|\d+percent|lmax=\d+|post_cycle\d+(_epoch\d+)?", self.eval_model):
+            raise ConfigError(f"eval_model: {self.eval_model!r} is not one of pre, post, <N>k, <N>percent, "
+                              "lmax=<l>, post_cycle<c>, post_cycle<c>_epoch<e>")
