@@ -136,17 +136,26 @@ def load_split(directory) -> SplitData:
     return SplitData(**kw)
 
 
-def save_metadata(directory, train: SplitData) -> dict:
-    """Write ``metadata.npy`` (pickled dict, as the original) and ``metadata.json``."""
-    meta = {
+def save_metadata(directory, train: SplitData, extra: Optional[dict] = None) -> dict:
+    """Write ``metadata.npy`` (pickled dict, as the original) and ``metadata.json``.
+
+    ``extra`` (JSON-serialisable) is merged into both, after the train-split statistics
+    ``e_mean, e_std, f_mean, f_std, n_train`` (which it cannot override)."""
+    meta = dict(extra or {})
+    meta.update({
         "e_mean": float(train.E.mean()),
         "e_std": float(train.E.std()),
         "f_mean": float(train.F.mean()),
         "f_std": float(train.F.std()),
         "n_train": int(len(train)),
-    }
+    })
     directory = Path(directory)
-    _atomic_write(directory / "metadata.npy", lambda tmp: np.save(open(tmp, "wb"), meta, allow_pickle=True))
+
+    def w_npy(tmp):
+        with open(tmp, "wb") as fh:
+            np.save(fh, meta, allow_pickle=True)
+
+    _atomic_write(directory / "metadata.npy", w_npy)
     _atomic_write(directory / "metadata.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return meta
 

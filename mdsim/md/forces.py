@@ -1,0 +1,116 @@
+"""Force fields: one interface ``compute(positions (R,N,3), cell (R,3,3)|None) -> (energy (R,),
+forces (R,N,3))`` for learned models and analytic potentials.
+
+A :class:`ModelForceField` evaluates all replicas with one batched model call (replicas are
+the structures of one batch).  Integrators only see the ``force_fn`` callable
+(``ForceField.__call__`` is ``compute``), so any function with that signature also works.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def wrap_positions(positions: Tensor, cell: Tensor) -> Tensor:
+    """Positions (R,N,3) wrapped into the cell (R,3,3) (fractional coordinates in [0,1))."""
+    frac = positions @ torch.linalg.inv(cell)
+    return positions - torch.floor(frac) @ cell
+
+
+class ForceField:
+    """Base class.  Subclasses implement :meth:`compute`."""
+
+    def compute(self, positions: Tensor, cell: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, positions: Tensor, cell: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return self.compute(positions, cell)
+
+
+class PotentialForceField(ForceField):
+    """Adapter for a callable potential.
+
+    ``potential(positions (R,N,3), cell)`` returns either ``(energy, forces)`` (analytic forces)
+    or only the energy (R,), in which case forces come from autograd."""
+
+    def __init__(self, potential: Callable):
+        self.potential = potential
+
+    def compute(self, positions, cell=None):
+        with torch.enable_grad():
+            pos = positions.detach().requires_grad_(True)
+            out = self.potential(pos, cell)
+            if isinstance(out, tuple):
+                e, f = out
+                return e.detach(), f.detach()
+            (g,) = torch.autograd.grad(out.sum(), pos)
+        return out.detach(), (-g).detach()
+
+
+class ModelForceField(ForceField):
+    """Wraps a model with the package interface ``model(positions [A,3], atomic_numbers [A],
+    batch [A], n_structures, cell [S,3,3]|None) -> energy [S]`` (eV).
+
+    All R replicas go through one model call as R structures.  Forces are −∂E/∂x by autograd;
+    outputs are detached unless ``create_graph``.  ``dtype`` is the model's dtype (positions are
+    cast to it and results cast back).  With a cell, positions are wrapped into the box before
+    the model sees them when ``wrap=True`` (energies/forces are invariant)."""
+
+    def __init__(self, model, atomic_numbers: Tensor, create_graph: bool = False,
+                 dtype: Optional[torch.dtype] = None, wrap: bool = True):
+        self.model = model
+        self.atomic_numbers = torch.as_tensor(atomic_numbers, dtype=torch.long).reshape(-1)
+        self.create_graph = bool(create_graph)
+        if dtype is None:
+            p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+            dtype = p.dtype if p is not None else None
+        self.dtype = dtype
+        self.wrap = bool(wrap)
+        self._cache = {}
+
+    def _inputs(self, R: int, device):
+        key = (R, str(device))
+        if key not in self._cache:
+            N = self.atomic_numbers.shape[0]
+            z = self.atomic_numbers.to(device).repeat(R)
+            batch = torch.arange(R, device=device).repeat_interleave(N)
+            self._cache = {key: (z, batch)}  # keep one entry: R rarely changes
+        return self._cache[key]
+
+    def compute(self, positions, cell=None):
+        R, N, _ = positions.shape
+        if N != self.atomic_numbers.shape[0]:
+            raise ValueError(f"positions have {N} atoms per replica, the force field's "
+                             f"atomic_numbers {self.atomic_numbers.shape[0]}")
+        out_dtype = positions.dtype
+        dtype = self.dtype or out_dtype
+        z, batch = self._inputs(R, positions.device)
+        c = None if cell is None else cell.to(dtype)
+        with torch.enable_grad():
+            pos = positions.detach().to(dtype)
+            if c is not None and self.wrap:
+                pos = wrap_positions(pos, c)
+            pos = pos.reshape(R * N, 3).requires_grad_(True)
+            energy = self.model(pos, z, batch, R, c)
+            (g,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.create_graph)
+        forces = -g.reshape(R, N, 3)
+        energy = energy.reshape(R)
+        if not self.create_graph:
+            energy, forces = energy.detach(), forces.detach()
+        return energy.to(out_dtype), forces.to(out_dtype)
+
+
+def as_force_field(obj, atomic_numbers: Optional[Tensor] = None) -> ForceField:
+    """A ForceField from a ForceField, a ``torch.nn.Module`` model (needs ``atomic_numbers``) or
+    a potential callable."""
+    if isinstance(obj, ForceField):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        if atomic_numbers is None:
+            raise ValueError("wrapping a model needs the atomic_numbers of the system")
+        return ModelForceField(obj, atomic_numbers)
+    if callable(obj):
+        return PotentialForceField(obj)
+    raise TypeError(f"force_field: expected a ForceField, a model or a callable, got {type(obj).__name__}")
