@@ -33,7 +33,7 @@ import math
 import os
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -194,6 +194,10 @@ def _scalar(v):
     return v if isinstance(v, (str, int, float, bool)) else str(v)
 
 
+def _first_sentence(exc) -> str:
+    return str(exc).split(". ")[0].strip().replace("\n", " ")[:200]
+
+
 def load_md17_npz(path) -> Tuple[SplitData, dict]:
     """Read an MD17-format npz (``z``, ``R`` Å, ``E`` kcal/mol, ``F`` kcal/mol/Å; optional
     ``V`` Å/fs and scalar metadata) → (all frames in eV units, scalar metadata dict)."""
@@ -216,8 +220,8 @@ def load_md17_npz(path) -> Tuple[SplitData, dict]:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot read raw file {path} ({type(exc).__name__}: {exc}); "
-                        "delete it to download it again") from exc
+        raise DataError(f"cannot read raw file {path}: not a valid MD17-format npz "
+                        f"({type(exc).__name__}: {_first_sentence(exc)})") from exc
     z = z.reshape(-1)
     if R.ndim != 3 or R.shape[1:] != (z.size, 3):
         raise DataError(f"{path}: R has shape {R.shape}, expected (frames, {z.size}, 3)")
@@ -245,8 +249,8 @@ def load_water_npy(path) -> SplitData:
         obj = np.load(path, allow_pickle=True)
         d = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0 else obj
     except Exception as exc:
-        raise DataError(f"cannot read raw file {path} ({type(exc).__name__}: {exc}); "
-                        "delete it to download it again") from exc
+        raise DataError(f"cannot read raw file {path}: not a valid water.npy "
+                        f"({type(exc).__name__}: {_first_sentence(exc)})") from exc
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(d).__name__}")
     need = ("wrapped_coords", "unwrapped_coords", "velocities", "atom_types", "lengths", "energy", "forces")
