@@ -260,6 +260,11 @@ def iter_options(cls, prefix: str = ""):
     for f in fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if is_dataclass(a)] if typing.get_origin(tp) is typing.Union else []
+        if inner:
+            yield key, "section", None, {**f.metadata, "doc": f.metadata.get("doc", "") + " (optional section)"}
+            yield from iter_options(inner[0], key + ".")
+            continue
         if is_dataclass(tp):
             yield key, "section", None, f.metadata
             yield from iter_options(tp, key + ".")

@@ -74,17 +74,15 @@ class ModelConfig:
     name: str = option("schnet", "Model name (schnet, nequip, dimenet_pp).")
 
     def validate(self, where=""):
-        try:
-            from mdsim.models import model_hparams
-        except ImportError:  # models not importable: checked when the model is built
-            return
-        try:
-            allowed = model_hparams(self.name)
-        except KeyError as exc:
-            raise ConfigError(f"{where}.name: {exc.args[0] if exc.args else exc}") from None
+        from mdsim.models.registry import INERT_KEYS, ModelConfigError, model_hyperparameter_names
+
         from .core import _closest
+        try:
+            allowed = model_hyperparameter_names(self.name)
+        except ModelConfigError as exc:
+            raise ConfigError(str(exc)) from None
         for k in self.extra:
-            if k not in allowed:
+            if k not in allowed and k not in INERT_KEYS:
                 raise ConfigError(f"unknown key '{where}.{k}' for model '{self.name}'"
                                   f"{_closest(k, list(allowed))}")
 

@@ -112,6 +112,8 @@ class StableConfig:
                              choices=("eager", "compile", "cuda_graph"))
     dtype: str = option("float32", "(new) Simulation dtype.", choices=("float32", "float64"))
     progress: bool = option(True, "(new) tqdm progress bars.")
+    pipeline: Optional["PipelineConfig"] = option(None, "(new) One-command pipeline settings (see below); "
+                                                  "null = plain training/evaluation.")
     # ---- accepted for compatibility, no effect
     diameter_viz: float = option(0.08, "GSD visualisation diameter (no effect).", compat=True)
     normalize_labels: bool = option(False, "Unused by the original (no effect).", compat=True)
@@ -137,3 +139,18 @@ class StableConfig:
         if not re.fullmatch(r"pre|post|\d+k|\d+percent|lmax=\d+|post_cycle\d+(_epoch\d+)?", self.eval_model):
             raise ConfigError(f"eval_model: {self.eval_model!r} is not one of pre, post, <N>k, <N>percent, "
                               "lmax=<l>, post_cycle<c>, post_cycle<c>_epoch<e>")
+
+
+@dataclass
+class PipelineConfig:
+    """(new) One-command pipeline (used by configs/quickstart): make data and a pretrained model
+    if they are missing, run StABlE training, then evaluate the listed models."""
+    xtb_frames: int = option(4000, "Frames of GFN2-xTB MD generated when the data are missing "
+                             "(0 = never generate).", min=0)
+    xtb_temperature: float = option(500.0, "Temperature of the generated data (K).", min=0.0)
+    pretrain_config: str = option("configs/pretraining/xtb/schnet.yml", "Pretraining config used when "
+                                  "the pretrained checkpoint is missing.")
+    pretrain_overrides: List[str] = option(default_factory=list, doc="`key=value` overrides for pretraining.")
+    evaluate: List[str] = option(default_factory=lambda: ["pre", "post"], doc="eval_model values to evaluate.")
+    simulate_overrides: List[str] = option(default_factory=list, doc="`key=value` overrides applied to "
+                                           "the evaluation runs (on top of this config with train: false).")

@@ -1,0 +1,178 @@
+"""Evaluation of a model by long simulations (``simulate.yml``, spec §7).
+
+``n_replicas`` replicas start from the first test frames; stability is checked on every frame
+stored every ``n_dump`` steps; a replica's stability time is the time of its first unstable
+frame (frozen afterwards).  Observables are averaged over each replica's stable frames.
+Writes ``final_metrics.json``, the observables as ``.npy`` and PNG plots to
+``<run folder>/inference/<eval_model>/``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mdsim import observables as obs
+from mdsim.config import StableConfig, to_dict
+from mdsim.md.init import initial_state
+from mdsim.md.stability import StabilityTracker, stability_values
+from mdsim.units import KCAL_MOL
+
+from . import setup
+from .io import write_json, write_yaml
+from .pretrain import evaluate as ef_errors
+from .rollout import simulate
+from .stable import EF_TEST_FRAMES, prepare
+
+
+def _mean_std(x: np.ndarray):
+    x = x[np.isfinite(x)]
+    return (float(x.mean()), float(x.std())) if x.size else (float("nan"), float("nan"))
+
+
+def run_evaluation(cfg: StableConfig, log=print) -> Path:
+    ckpt_path = setup.eval_checkpoint(cfg)  # fails before anything is written
+    ctx = prepare(cfg, checkpoint=ckpt_path, log=log)
+    out = ctx.folder / "inference" / cfg.eval_model
+    log(f"evaluating {ckpt_path} → {out}")
+    R = cfg.n_replicas
+    if R > len(ctx.test):
+        raise setup.SetupError(f"n_replicas {R} exceeds the {len(ctx.test)} test frames")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = initial_state(ctx.system, ctx.test.R, ctx.force_field, R, cfg.temperature, generator=gen,
+                          mode="first", ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device)
+    ef = ef_errors(ctx.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES)
+    tracker = StabilityTracker(R, cfg.stability_criterion, device=ctx.device)
+    oset, refs = ctx.oset, ctx.refs
+    H = refs.rdf_hist.numel()
+    rdf_sum = torch.zeros(R, H, dtype=torch.float64)
+    adf_sum = torch.zeros(R, refs.adf.numel(), dtype=torch.float64)
+    nfr = torch.zeros(R, dtype=torch.float64)
+    vacfs = []  # per epoch (R, W), NaN where the replica was unstable
+    full_traj = []
+    total_steps = 0
+    epochs_run = 0
+    for epoch in tqdm(range(cfg.n_epochs), desc=f"eval {cfg.eval_model}", disable=not cfg.progress):
+        state, rec = simulate(ctx.integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
+                              oset.vacf_stride, gen)
+        epochs_run += 1
+        unstable_fr, _ = stability_values(rec.frames, ctx.system, energy=rec.energies)
+        was_stable = tracker.stable.clone()
+        steps = rec.frame_steps.to(ctx.device) + total_steps
+        tracker.update_frames(unstable_fr, steps)
+        total_steps += cfg.steps
+        # frames count for a replica while it is stable (up to, excluding, its first unstable frame)
+        first = torch.where(tracker.stable, torch.full_like(tracker.first_unstable_step, 2 ** 62),
+                            tracker.first_unstable_step)
+        ok = (steps[:, None] < first[None, :]).cpu()  # (F, R)
+        pos = rec.frames.detach().to(torch.float64).cpu()
+        for f in range(pos.shape[0]):
+            m = ok[f]
+            if m.any():
+                rdf_sum[m] += oset.rdf_hist(pos[f, m])
+                adf_sum[m] += oset.adf(pos[f, m])
+                nfr[m] += 1
+        if refs.vacf is not None and rec.velocities is not None and rec.velocities.shape[0] >= cfg.vacf_window:
+            v = oset.vacf(rec.velocities.to(torch.float64).cpu())
+            keep = (was_stable & tracker.stable).cpu()
+            v[~keep] = float("nan")
+            vacfs.append(v)
+        full_traj.append(pos.numpy().astype(np.float32))
+        if float((~tracker.stable).float().mean()) >= cfg.max_frac_unstable_threshold:
+            log(f"epoch {epoch + 1}: {float((~tracker.stable).float().mean()):.0%} unstable, stopping")
+            break
+
+    stab = tracker.stability_time_ps(total_steps, cfg.timestep).cpu().numpy()
+    with torch.no_grad():
+        have = nfr > 0
+        rdfs = torch.where(have[:, None], rdf_sum / nfr.clamp(min=1)[:, None], torch.nan)
+        adfs = torch.where(have[:, None], adf_sum / nfr.clamp(min=1)[:, None], torch.nan)
+        rdf_maes = obs.rdf_mae(rdfs, refs.rdf_hist, cfg.max_rdf_dist).numpy()
+        adf_maes = obs.adf_mae(adfs, refs.adf).numpy()
+        vacf_arr = torch.stack(vacfs).numpy() if vacfs else None
+        if vacf_arr is not None:
+            with np.errstate(invalid="ignore"):
+                vacf_mean = np.nanmean(vacf_arr, axis=0) if np.isfinite(vacf_arr).any() else vacf_arr[0]
+            vacf_maes = np.nanmean(np.abs(vacf_arr - refs.vacf.numpy()[None, None]).mean(-1), axis=0) \
+                if np.isfinite(vacf_arr).any() else np.full(R, np.nan)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: Dict[str, Optional[float]] = {
+        "Energy MAE (kcal/mol)": ef["energy_mae"] / KCAL_MOL,
+        "Force MAE (kcal/mol-A)": ef["forces_mae"] / KCAL_MOL,
+        "Energy MAE (eV)": ef["energy_mae"],
+        "Force MAE (eV/A)": ef["forces_mae"],
+        "Mean Stability (ps)": float(np.mean(stab)),
+        "Std Dev Stability (ps)": float(np.std(stab)),
+        "Median Stability (ps)": float(np.median(stab)),
+        "Simulated Time (ps)": total_steps * cfg.timestep / 1000.0,
+        "Fraction Stable": float(tracker.stable.float().mean()),
+    }
+    for name, arr in (("RDF", rdf_maes), ("ADF", adf_maes)):
+        m, s = _mean_std(arr)
+        metrics[f"Mean {name} MAE"], metrics[f"Std Dev {name} MAE"] = m, s
+    if vacf_arr is not None:
+        m, s = _mean_std(vacf_maes)
+        metrics["Mean VACF MAE"], metrics["Std Dev VACF MAE"] = m, s
+    metrics = {k: (None if (v is None or not math.isfinite(v)) else v) for k, v in metrics.items()}
+    np.save(out / "replicas_stable_time.npy", stab)
+    np.save(out / "full_traj.npy", np.concatenate(full_traj, 0).transpose(1, 0, 2, 3))  # (R, frames, N, 3)
+    np.save(out / "final_rdfs.npy", rdfs.numpy())
+    np.save(out / "final_adfs.npy", adfs.numpy())
+    np.save(out / "final_rdf_maes.npy", rdf_maes)
+    np.save(out / "final_adf_maes.npy", adf_maes)
+    if vacf_arr is not None:
+        np.save(out / "final_vacfs.npy", vacf_mean)
+        np.save(out / "final_vacf_maes.npy", vacf_maes)
+    for k, v in refs.as_numpy().items():
+        np.save(out / f"{k}.npy", v)
+    write_yaml(out / "simulate_config.yml", to_dict(cfg))
+    write_json(out / "final_metrics.json", {**metrics, "checkpoint": str(ckpt_path), "eval_model": cfg.eval_model,
+                                            "n_replicas": R, "epochs": epochs_run})
+    plot_all(out, cfg, refs, rdfs.numpy(), adfs.numpy(), vacf_mean if vacf_arr is not None else None, stab)
+    return out
+
+
+def plot_all(out: Path, cfg, refs, rdfs, adfs, vacf, stab) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def panel(fname, x, sim, ref, xlabel, ylabel, title):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        if ref is not None:
+            ax.plot(x, ref, "k-", lw=2, label="reference")
+        if sim is not None and np.isfinite(sim).any():
+            ax.plot(x, sim, "C1--", lw=1.5, label=f"{cfg.eval_model} (mean of stable replicas)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+    edges = obs.histogram_rdf_edges(cfg.max_rdf_dist, cfg.dr).numpy()
+    r = 0.5 * (edges[1:] + edges[:-1])
+    with np.errstate(invalid="ignore"):
+        panel("rdf.png", r, np.nanmean(rdfs, 0) if np.isfinite(rdfs).any() else None, refs.rdf_hist.numpy(),
+              "r (Å)", "RDF", "Radial distribution function")
+        ang = obs.adf_bin_centers(refs.adf.numel(), tuple(cfg.angle_range)).numpy()
+        panel("adf.png", ang, np.nanmean(adfs, 0) if np.isfinite(adfs).any() else None, refs.adf.numpy(),
+              "angle (degrees)", "ADF", "Angular distribution function")
+    if vacf is not None and refs.vacf is not None:
+        with np.errstate(invalid="ignore"):
+            sim = np.nanmean(vacf, 0) if np.isfinite(vacf).any() else None
+        panel("vacf.png", np.arange(refs.vacf.numel()), sim, refs.vacf.numpy(), "lag (frames)", "VACF",
+              "Velocity autocorrelation")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(stab, bins=min(30, max(5, len(stab) // 4)), color="C0")
+    ax.set_xlabel("stability time (ps)")
+    ax.set_ylabel("replicas")
+    ax.set_title(f"Stability ({cfg.eval_model}): mean {np.mean(stab):.2f} ps")
+    fig.tight_layout()
+    fig.savefig(out / "stability_hist.png", dpi=120)
+    plt.close(fig)

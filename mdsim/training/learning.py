@@ -1,0 +1,107 @@
+"""The parameter update of a StABlE learning epoch: the Boltzmann-estimator gradient of the
+observable loss plus the QM energy/force gradient, combined, clipped and applied."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from boltzmann_estimator import BoltzmannEstimator
+from mdsim.data.format import SplitData
+from mdsim.models import batch_from_frames
+from mdsim.training.pretrain import EnergyForceLoss
+from mdsim.training.targets import TrainingObservable
+
+
+@dataclass
+class EFLossSettings:
+    """Pretraining loss settings (taken from the pretrained checkpoint's config)."""
+    energy_coefficient: float = 0.05
+    force_coefficient: float = 0.95
+    loss_energy: str = "mse"
+    loss_force: str = "mse"
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "EFLossSettings":
+        optim = (ckpt.get("config") or {}).get("optim") or {}
+        kw = {k: optim[k] for k in ("energy_coefficient", "force_coefficient", "loss_energy", "loss_force")
+              if k in optim}
+        return cls(**kw)
+
+
+def energy_fn_for(model, atomic_numbers: Tensor, cell: Optional[Tensor], dtype):
+    """U_θ(x) for positions (M, N, 3) → (M,) eV (with graph to the parameters)."""
+    def fn(x: Tensor) -> Tensor:
+        inp = batch_from_frames(x.to(dtype), atomic_numbers, cell, device=x.device, dtype=dtype)
+        return model(**inp)
+    return fn
+
+
+def observable_gradient(model, target: TrainingObservable, samples: Tensor, atomic_numbers: Tensor,
+                        cell: Optional[Tensor], kT: float, minibatch_size: int, scale_by_kT: bool,
+                        dtype=torch.float32, shuffle_generator=None):
+    """Boltzmann-estimator gradient for samples (S, N, 3).  Returns (grads, loss)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        O = target.samples(samples.to(torch.float64))
+    if shuffle_generator is not None:
+        perm = torch.randperm(samples.shape[0], generator=shuffle_generator)
+        samples, O = samples[perm.to(samples.device)], O[perm.to(O.device)]
+    est = BoltzmannEstimator(energy_fn_for(model, atomic_numbers, cell, dtype), minibatch_size, kT, scale_by_kT)
+    grads, stats = est.gradient(params, samples, O, target.loss)
+    return grads, stats["loss"]
+
+
+def energy_force_gradient(model, data: SplitData, settings: EFLossSettings, minibatch_size: int,
+                          device, dtype=torch.float32, max_frames: Optional[int] = None):
+    """Mean over unshuffled minibatches of ∇θ of the pretraining loss on ``data``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = EnergyForceLoss(settings)
+    n = len(data) if max_frames is None else min(len(data), max_frames)
+    z = torch.as_tensor(data.z, device=device)
+    total = [torch.zeros_like(p) for p in params]
+    nb, lsum = 0, 0.0
+    for s in range(0, n, minibatch_size):
+        sl = slice(s, min(n, s + minibatch_size))
+        R = torch.as_tensor(data.R[sl], dtype=dtype, device=device)
+        E = torch.as_tensor(data.E[sl], dtype=torch.float64, device=device)
+        F = torch.as_tensor(data.F[sl], dtype=dtype, device=device)
+        cell = None if data.cell is None else torch.as_tensor(data.cell[sl], dtype=dtype, device=device)
+        loss, _, _ = loss_fn(model, R, z, E, F, cell)
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        for t, g in zip(total, gs):
+            if g is not None:
+                t.add_(g)
+        lsum += float(loss.detach())
+        nb += 1
+    return [t / max(nb, 1) for t in total], lsum / max(nb, 1)
+
+
+def flat(grads: List[Tensor]) -> Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def apply_update(model, optimizer, g_obs: Optional[List[Tensor]], g_ef: Optional[List[Tensor]],
+                 obs_weight: float, ef_weight: float, clip: Optional[float]) -> Dict[str, float]:
+    """Set ``p.grad = obs_weight·g_obs + ef_weight·g_ef``, clip, step.  Returns diagnostics
+    (gradient norm before clipping, cosine similarity and median ratio of the two parts)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    info: Dict[str, float] = {}
+    parts = []
+    if g_obs is not None:
+        parts.append([obs_weight * g for g in g_obs])
+    if g_ef is not None:
+        parts.append([ef_weight * g for g in g_ef])
+    if len(parts) == 2:
+        a, b = flat(parts[0]), flat(parts[1])
+        info["cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-30))
+        nz = b.abs() > 0
+        info["ratio"] = float((a[nz] / b[nz]).abs().median()) if nz.any() else float("nan")
+    for i, p in enumerate(params):
+        p.grad = sum(part[i] for part in parts) if parts else torch.zeros_like(p)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    info["grad_norm"] = float(norm)
+    optimizer.step()
+    return info
