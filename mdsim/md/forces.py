@@ -54,7 +54,7 @@ class ModelForceField(ForceField):
     batch [A], n_structures, cell [S,3,3]|None) -> energy [S]`` (eV).
 
     All R replicas go through one model call as R structures.  Forces are −∂E/∂x by autograd;
-    outputs are detached unless ``create_graph``.  ``dtype`` is the model's dtype (positions are
+    outputs are detached unless ``create_graph``.  Energies keep the model's output dtype.  ``dtype`` is the model's dtype (positions are
     cast to it and results cast back).  With a cell, positions are wrapped into the box before
     the model sees them when ``wrap=True`` (energies/forces are invariant)."""
 
@@ -69,6 +69,14 @@ class ModelForceField(ForceField):
         self.dtype = dtype
         self.wrap = bool(wrap)
         self._cache = {}
+        # the package's PotentialModel takes equal_size=True for equal-size structures (skips a
+        # host-side atom count when building the all-pairs graph)
+        import inspect
+        try:
+            params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self._model_kw = {"equal_size": True} if "equal_size" in params else {}
 
     def _inputs(self, R: int, device):
         key = (R, str(device))
@@ -93,13 +101,15 @@ class ModelForceField(ForceField):
             if c is not None and self.wrap:
                 pos = wrap_positions(pos, c)
             pos = pos.reshape(R * N, 3).requires_grad_(True)
-            energy = self.model(pos, z, batch, R, c)
+            energy = self.model(pos, z, batch, R, c, **self._model_kw)
             (g,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.create_graph)
         forces = -g.reshape(R, N, 3)
         energy = energy.reshape(R)
         if not self.create_graph:
             energy, forces = energy.detach(), forces.detach()
-        return energy.to(out_dtype), forces.to(out_dtype)
+        # energies keep the model's output dtype (float64 for PotentialModel: large molecular
+        # energies would lose ~1e-3 eV in float32); forces take the state's dtype
+        return energy, forces.to(out_dtype)
 
 
 def as_force_field(obj, atomic_numbers: Optional[Tensor] = None) -> ForceField:

@@ -1,0 +1,176 @@
+"""Batched multi-replica MD with a trained potential (public entry point).
+
+Library use::
+
+    from simulator import Simulator            # = mdsim.md.runner.Simulator
+    sim = Simulator(model_or_force_field, system, integrator="NoseHoover", timestep_fs=0.5,
+                    temperature_K=500, integrator_config={"ttime": 20}, n_dump=100, out_dir="run")
+    state = sim.initial_state(frames, n_replicas=8, mode="first")
+    result = sim.run(state, n_steps=10000)
+
+Command line (see docs/simulator.md)::
+
+    python simulator.py --checkpoint best_checkpoint.pt --init frames.npz --replicas 8 \\
+        --steps 2000 --integrator NoseHoover --temperature 500 --timestep 0.5 --out runs/md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdsim.md.runner import Recorder, RunResult, Simulator  # noqa: F401  (public re-export)
+
+__all__ = ["Simulator", "Recorder", "RunResult", "load_init_frames", "main"]
+
+
+def load_init_frames(path) -> dict:
+    """Frames for initial conditions: ``{R (F,N,3) Å, z (N,), cell (F,3,3)|None, pbc (bool),
+    molecule_index (N,)|None}`` from an xyz/extxyz file (all frames) or an MD17-style npz
+    (keys ``z``, ``R`` in Å; optional ``cell``, ``pbc``, ``molecule_index``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--init: file not found: {path}")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                d = {k: f[k] for k in f.files if k in ("R", "z", "cell", "pbc", "molecule_index")}
+        except Exception as exc:
+            raise SystemExit(f"--init: cannot read {path} as npz: {exc}")
+        if "R" not in d or "z" not in d:
+            raise SystemExit(f"--init: {path} needs keys 'R' (frames, atoms, 3) and 'z' (atoms,), has {sorted(d)}")
+        R = np.asarray(d["R"], dtype=np.float64)
+        if R.ndim == 2:
+            R = R[None]
+        z = np.asarray(d["z"], dtype=np.int64).reshape(-1)
+        if R.ndim != 3 or R.shape[1:] != (z.shape[0], 3):
+            raise SystemExit(f"--init: {path}: R has shape {R.shape}, expected (frames, {z.shape[0]}, 3)")
+        cell = d.get("cell")
+        if cell is not None:
+            cell = np.asarray(cell, dtype=np.float64)
+            cell = np.broadcast_to(cell.reshape(-1, 3, 3), (R.shape[0], 3, 3)).copy()
+        pbc = bool(np.any(d["pbc"])) if "pbc" in d else cell is not None
+        mol = d.get("molecule_index")
+        return {"R": R, "z": z, "cell": cell, "pbc": pbc, "molecule_index": mol}
+    from ase.io import read
+    try:
+        images = read(str(path), index=":")
+    except Exception as exc:
+        raise SystemExit(f"--init: cannot read {path} with ase.io.read: {exc}")
+    if not images:
+        raise SystemExit(f"--init: {path} holds no frames")
+    z = images[0].numbers.astype(np.int64)
+    if any(len(a) != len(z) or np.any(a.numbers != z) for a in images):
+        raise SystemExit(f"--init: all frames of {path} must have the same atoms in the same order")
+    R = np.stack([a.get_positions() for a in images])
+    pbc = bool(images[0].pbc.any())
+    cell = np.stack([np.asarray(a.cell) for a in images]) if pbc else None
+    mol = images[0].arrays.get("molecule_index")
+    return {"R": R, "z": z, "cell": cell, "pbc": pbc, "molecule_index": mol}
+
+
+def build_system(frames: dict, criterion: str, tolerance: float, dtype=torch.float32):
+    """System from the init frames: bonds detected on frame min(10, F−1), reference bond lengths
+    averaged over all frames (as the original does on its train split)."""
+    from mdsim.data.format import SplitData
+    from mdsim.md.system import System
+
+    n, N = frames["R"].shape[:2]
+    split = SplitData(R=frames["R"], z=frames["z"], E=np.zeros(n), F=np.zeros((n, N, 3)), fid=np.arange(n),
+                      cell=frames["cell"], pbc=np.array([frames["pbc"]] * 3) if frames["pbc"] else None,
+                      molecule_index=frames["molecule_index"])
+    try:
+        return System.from_split(split, stability_criterion=criterion, stability_tolerance=tolerance, dtype=dtype)
+    except ValueError as exc:
+        raise SystemExit(f"--stability-criterion: {exc}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Batched multi-replica MD with a trained potential.")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (ours or the original's SchNet)")
+    p.add_argument("--init", required=True, help="initial frames: xyz/extxyz file or npz with keys z, R (Å)")
+    p.add_argument("--replicas", type=int, default=1, help="number of replicas R (default 1)")
+    p.add_argument("--steps", type=int, default=1000, help="MD steps (default 1000)")
+    p.add_argument("--integrator", default="NoseHoover",
+                   choices=["VelocityVerlet", "Langevin", "LangevinOriginal", "NoseHoover"])
+    p.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--gamma", type=float, default=0.1, help="Langevin friction in 1/ps (default 0.1)")
+    p.add_argument("--ttime", type=float, default=20.0, help="Nosé–Hoover time constant in timesteps (default 20)")
+    p.add_argument("--out", required=True, help="output folder (thermo.csv, replica_<r>.extxyz, stability.json)")
+    p.add_argument("--n-dump", type=int, default=100, help="steps between dumps/stability checks (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--frames", default="first", choices=["first", "random"],
+                   help="starting frames: the first R (default) or R random distinct frames")
+    p.add_argument("--stability-criterion", default="bond_length_deviation", choices=["bond_length_deviation", "imd"])
+    p.add_argument("--bond-dev-tol", type=float, default=0.5, help="Å (bond_length_deviation, default 0.5)")
+    p.add_argument("--imd-tol", type=float, default=1.2, help="Å (imd, default 1.2)")
+    p.add_argument("--dump-replicas", default="all", help="'all' or comma-separated replica ids to write as extxyz")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for key, val, lo in (("--replicas", args.replicas, 1), ("--steps", args.steps, 0), ("--n-dump", args.n_dump, 1)):
+        if val < lo:
+            p.error(f"{key}: expected an integer >= {lo}, got {val}")
+    if not args.timestep > 0:
+        p.error(f"--timestep: expected a positive number of fs, got {args.timestep}")
+    if not args.temperature > 0:
+        p.error(f"--temperature: expected a positive temperature in K, got {args.temperature}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    frames = load_init_frames(args.init)
+    tol = args.bond_dev_tol if args.stability_criterion == "bond_length_deviation" else args.imd_tol
+    system = build_system(frames, args.stability_criterion, tol, dtype=dtype)
+    if args.replicas > frames["R"].shape[0]:
+        raise SystemExit(f"--replicas: {args.replicas} replicas need at least as many frames, "
+                         f"{args.init} has {frames['R'].shape[0]}")
+    from mdsim.models import load_model
+    try:
+        model, _ = load_model(args.checkpoint, device=device)
+    except Exception as exc:  # CheckpointError and friends: one clear line
+        raise SystemExit(f"--checkpoint: {exc}")
+    model = model.to(dtype) if args.dtype == "float64" else model
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    dump = None if args.dump_replicas == "all" else [int(x) for x in args.dump_replicas.split(",") if x.strip()]
+    sim = Simulator(model, system, integrator=args.integrator, timestep_fs=args.timestep,
+                    temperature_K=args.temperature, integrator_config={"gamma": args.gamma, "ttime": args.ttime},
+                    n_dump=args.n_dump, out_dir=args.out, dump_replicas=dump, seed=args.seed, device=device,
+                    dtype=dtype)
+    state = sim.initial_state(frames["R"], args.replicas, mode=args.frames, cells=frames["cell"])
+    t0 = time.perf_counter()
+    res = sim.run(state, args.steps, progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    sim.close()
+    summary = {
+        "checkpoint": str(args.checkpoint), "init": str(args.init), "replicas": args.replicas, "steps": args.steps,
+        "integrator": args.integrator, "temperature_K": args.temperature, "timestep_fs": args.timestep,
+        "stability_criterion": args.stability_criterion, "tolerance": tol, "n_dump": args.n_dump,
+        "stable": res.stable.cpu().tolist(), "first_unstable_step": res.first_unstable_step.cpu().tolist(),
+        "stability_time_ps": res.stability_time_ps.cpu().tolist(),
+        "worst_value": res.tracker.worst_value.cpu().tolist(),
+        "mean_temperature_K": float(res.temperature.mean()) if res.temperature.numel() else None,
+        "wall_s": wall, "ms_per_step": 1000 * wall / max(args.steps, 1),
+    }
+    out = Path(args.out)
+    (out / "stability.json").write_text(json.dumps(summary, indent=2))
+    n_st = int(res.stable.sum())
+    print(f"{n_st}/{args.replicas} replicas stable after {args.steps} steps "
+          f"({args.steps * args.timestep / 1000:.3g} ps); mean stability "
+          f"{float(res.stability_time_ps.mean()):.3g} ps; {summary['ms_per_step']:.2f} ms/step; output in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
