@@ -1,0 +1,90 @@
+"""QM pretraining: learning, resume after a kill, checkpoints and bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_SCHNET, pretrain_config
+from mdsim.config import ConfigError
+from mdsim.data.format import DataError, load_metadata, load_split, split_dir
+from mdsim.models import load_model
+from mdsim.training.pretrain import build_from_config, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pretraining_lowers_val_force_mae(xtb_data_root, tiny_pretrained):
+    _, ckpt = tiny_pretrained
+    cfg = pretrain_config(xtb_data_root, "unused")
+    val = load_split(split_dir(xtb_data_root, "xtb", "ethanol", "1k", "val"))
+    meta = load_metadata(split_dir(xtb_data_root, "xtb", "ethanol", "1k"))
+    torch.manual_seed(cfg.seed)
+    untrained = build_from_config(cfg, meta, load_split(split_dir(xtb_data_root, "xtb", "ethanol", "1k", "train")))
+    before = evaluate(untrained, val, 64, "cpu")["forces_mae"]
+    model, ck = load_model(ckpt)
+    after = evaluate(model, val, 64, "cpu")["forces_mae"]
+    assert after < 0.8 * before, (before, after)
+    assert ck["val_metrics"]["forces_mae"] == pytest.approx(after, rel=1e-4)
+    # energies are in eV around the data's mean: normalisation stored in the checkpoint
+    assert ck["normalizers"]["target"]["mean"] == pytest.approx(meta["e_mean"])
+
+
+def test_resume_continues_exactly(xtb_data_root, tmp_path):
+    full = train(pretrain_config(xtb_data_root, tmp_path / "a", ["optim.max_epochs=3"]), log=lambda *a: None)
+    train(pretrain_config(xtb_data_root, tmp_path / "b", ["optim.max_epochs=1"]), log=lambda *a: None)
+    msgs = []
+    part = train(pretrain_config(xtb_data_root, tmp_path / "b", ["optim.max_epochs=3"]), log=msgs.append)
+    assert any("resuming" in m for m in msgs)
+    ca = torch.load(full.run_dir / "checkpoints/checkpoint.pt", weights_only=False)
+    cb = torch.load(part.run_dir / "checkpoints/checkpoint.pt", weights_only=False)
+    assert [h["epoch"] for h in cb["trainer_state"]["history"]] == [1, 2, 3]
+    for k in ca["state_dict"]:
+        torch.testing.assert_close(ca["state_dict"][k], cb["state_dict"][k], rtol=0, atol=0)
+    assert ca["optimizer"]["param_groups"][0]["lr"] == cb["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_kill_then_rerun_resumes(xtb_data_root, tmp_path):
+    """A real SIGKILL after the first epoch's checkpoint, then the same command finishes."""
+    args = [sys.executable, str(ROOT / "pretraining.py"), "--mode", "train", "--config-yml",
+            str(ROOT / "configs/pretraining/xtb/schnet.yml"), "--molecule", "ethanol", "--run-dir", str(tmp_path),
+            "--set", f"dataset.src={xtb_data_root}", "--max-epochs", "3"] + sum((["--set", o] for o in TINY_SCHNET), [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ck = tmp_path / "xtb-ethanol_1k_schnet/checkpoints/checkpoint.pt"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not ck.exists() and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = torch.load(ck, weights_only=False)["epoch"]
+    assert first >= 1
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    final = torch.load(ck, weights_only=False)
+    assert final["epoch"] == 3
+    assert [h["epoch"] for h in final["trainer_state"]["history"]] == [1, 2, 3]
+    if first < 3:
+        assert "resuming" in out.stdout + out.stderr
+
+
+def test_bad_input(xtb_data_root, tmp_path):
+    with pytest.raises(DataError, match="missing split file"):
+        train(pretrain_config(xtb_data_root, tmp_path, ["dataset.size=50k"]), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="optim.max_epochs: expected an integer"):
+        pretrain_config(xtb_data_root, tmp_path, ["optim.max_epochs=many"])
+    # resuming a run folder with another architecture is refused
+    train(pretrain_config(xtb_data_root, tmp_path, ["optim.max_epochs=1"]), log=lambda *a: None)
+    with pytest.raises(RuntimeError, match="was written for model"):
+        train(pretrain_config(xtb_data_root, tmp_path, ["optim.max_epochs=2", "model.hidden_channels=8"]),
+              log=lambda *a: None)
+    # CLI: one clear line, non-zero exit
+    out = subprocess.run([sys.executable, str(ROOT / "pretraining.py"), "--config-yml",
+                          str(ROOT / "configs/pretraining/xtb/schnet.yml"), "--set", "optim.batchsize=3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "unknown key 'optim.batchsize' (did you mean 'batch_size'?)" in out.stderr

@@ -1,0 +1,105 @@
+"""StABlE loop end to end on tiny offline data: checkpoints, gating of learning, exact resume,
+evaluation outputs and bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mdsim.config import StableConfig, load_config
+from mdsim.training.evaluate import run_evaluation
+from mdsim.training.setup import SetupError, run_folder
+from mdsim.training.stable import train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(log=lambda *a: None)
+
+
+def stable_cfg(data_root, model_dir, log_dir, extra=()):
+    return load_config(StableConfig, ROOT / "configs/stable_training/xtb/train.yml", [
+        ("src", str(data_root)), ("molecule", "ethanol"), ("model_dir", str(model_dir)), ("log_dir", str(log_dir)),
+        "n_replicas=4", "steps=40", "n_dump=10", "vacf_window=10", "n_epochs=3", "minibatch_size=20",
+        "progress=false", "lr=0.001"] + list(extra))
+
+
+def params(path):
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_forced_instability_learns_and_outputs(xtb_data_root, tiny_pretrained, tmp_path):
+    model_dir, pre = tiny_pretrained
+    cfg = stable_cfg(xtb_data_root, model_dir, tmp_path, ["bond_dev_tol=0.0001"])
+    folder = train(cfg, **QUIET)
+    names = {p.name for p in folder.glob("*.pt")}
+    # epoch 1 triggers learning; epochs 2 and 3 learn
+    assert {"cycle1_epoch1.pt", "cycle1_epoch2.pt", "ckpt.pt", "resume.pt"} <= names
+    assert list((folder / "logs").glob("events.out.tfevents.*"))
+    before, after = params(pre), params(folder / "ckpt.pt")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(folder / "logs"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"Fraction of Unstable Replicas", "Loss", "Gradient Norm", "Force MAE", "Observable Loss"} <= tags
+    assert [e.value for e in ea.Scalars("Fraction of Unstable Replicas")] == [1.0, 1.0, 1.0]
+
+    # evaluation of pre and post: finite metrics consistent with the .npy files
+    for em in ("pre", "post"):
+        ecfg = stable_cfg(xtb_data_root, model_dir, tmp_path, ["train=false", f"eval_model={em}",
+                                                               "integrator=Langevin", "n_epochs=2",
+                                                               "bond_dev_tol=0.5"])
+        out = run_evaluation(ecfg, **QUIET)
+        m = json.loads((out / "final_metrics.json").read_text())
+        stab = np.load(out / "replicas_stable_time.npy")
+        assert m["Mean Stability (ps)"] == pytest.approx(stab.mean())
+        assert m["Std Dev Stability (ps)"] == pytest.approx(stab.std())
+        assert 0 < m["Mean Stability (ps)"] <= 2 * 40 * 0.5 / 1000 + 1e-12
+        rm = np.load(out / "final_rdf_maes.npy")
+        assert m["Mean RDF MAE"] == pytest.approx(np.nanmean(rm))
+        for k in ("Energy MAE (eV)", "Force MAE (eV/A)", "Mean RDF MAE", "Mean ADF MAE"):
+            assert m[k] is not None and np.isfinite(m[k])
+        assert (out / "rdf.png").stat().st_size > 1000 and (out / "stability_hist.png").exists()
+        traj = np.load(out / "full_traj.npy")
+        assert traj.shape[0] == 4 and traj.shape[2:] == (9, 3)
+
+
+def test_stable_run_does_not_learn(xtb_data_root, tiny_pretrained, tmp_path):
+    model_dir, pre = tiny_pretrained
+    folder = train(stable_cfg(xtb_data_root, model_dir, tmp_path, ["bond_dev_tol=100"]), **QUIET)
+    assert not list(folder.glob("cycle*_epoch*.pt"))
+    before, after = params(pre), params(folder / "ckpt.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_matches_uninterrupted(xtb_data_root, tiny_pretrained, tmp_path):
+    model_dir, _ = tiny_pretrained
+    extra = ["bond_dev_tol=0.0001", "reset_probability=0.5"]
+    a = train(stable_cfg(xtb_data_root, model_dir, tmp_path / "a", extra + ["n_epochs=4"]), **QUIET)
+    train(stable_cfg(xtb_data_root, model_dir, tmp_path / "b", extra + ["n_epochs=2"]), **QUIET)
+    b = train(stable_cfg(xtb_data_root, model_dir, tmp_path / "b", extra + ["n_epochs=4"]), **QUIET)
+    pa, pb = params(a / "ckpt.pt"), params(b / "ckpt.pt")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
+    ra = torch.load(a / "resume.pt", weights_only=False)
+    rb = torch.load(b / "resume.pt", weights_only=False)
+    torch.testing.assert_close(ra["state"]["positions"], rb["state"]["positions"], rtol=0, atol=0)
+
+
+def test_bad_input(xtb_data_root, tiny_pretrained, tmp_path):
+    model_dir, _ = tiny_pretrained
+    cmd = [sys.executable, str(ROOT / "stable_training.py"), "--config-yml",
+           str(ROOT / "configs/stable_training/xtb/simulate.yml"), "--set", f"src={xtb_data_root}",
+           "--molecule", "ethanol", "--set", f"model_dir={model_dir}", "--set", f"log_dir={tmp_path}"]
+    out = subprocess.run(cmd + ["--eval_model", "latest"], capture_output=True, text=True)
+    assert out.returncode == 2 and "eval_model: 'latest'" in out.stderr
+    out = subprocess.run(cmd + ["--eval_model=post_cycle3"], capture_output=True, text=True)
+    assert out.returncode == 2 and "post_cycle3" in out.stderr and "not found" in out.stderr
+    assert not (tmp_path / "stable_training_results").exists() or not any((tmp_path / "stable_training_results").rglob("*.json"))
+    with pytest.raises(SetupError, match="pretrained checkpoint not found"):
+        train(stable_cfg(xtb_data_root, tmp_path / "nowhere", tmp_path), **QUIET)
+    with pytest.raises(SetupError, match="molecule_index"):
+        train(stable_cfg(xtb_data_root, model_dir, tmp_path, ["stability_criterion=imd"]), **QUIET)
+    assert not run_folder(stable_cfg(xtb_data_root, model_dir, tmp_path)).exists()
