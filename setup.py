@@ -7,6 +7,8 @@ setup(
     packages=find_packages(include=["mdsim", "mdsim.*"]),
     py_modules=["pretraining", "stable_training", "simulator", "boltzmann_estimator",
                 "download_stable_paper_data"],
+    package_data={"mdsim.data": ["structures/*.xyz"]},
+    include_package_data=True,
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",

@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", nargs="+", help="size tags (1k 10k 50k 90k, 5..100percent for md22, or an integer)")
     lay = p.add_mutually_exclusive_group()
     lay.add_argument("--contiguous", action="store_true", help="write only the contiguous layout")
-    lay.add_argument("--both", action="store_true", help="write the random and the contiguous layout")
+    lay.add_argument("--both", action="store_true", help="write the random and the contiguous layout "
+                     "(the default: StABlE needs contiguous splits for its reference VACF)")
+    lay.add_argument("--random-only", action="store_true", help="write only the random layout")
     p.add_argument("--split-seed", type=int, default=sources.SPLIT_SEED, help="random split seed (default 123)")
     p.add_argument("--retries", type=int, default=3, help="download resume attempts")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> List[Path]:
-    layouts = ("contiguous",) if args.contiguous else (("random", "contiguous") if args.both else ("random",))
+    layouts = ("contiguous",) if args.contiguous else (("random",) if args.random_only else ("random", "contiguous"))
     common = dict(layouts=layouts, split_seed=args.split_seed, progress=not args.no_progress,
                   retries=args.retries)
     if args.dataset == "all":
