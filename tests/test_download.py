@@ -195,7 +195,7 @@ def test_corrupt_file_clear_error_nothing_written(server, tmp_path, capsys):
     assert rc != 0
     assert err[-1].startswith("error: cannot read raw file") and "md17_aspirin.npz" in err[-1]
     assert not (tmp_path / "md17" / "aspirin").exists()
-    assert not (tmp_path / "contiguous-md17").exists()
+    assert (tmp_path / "contiguous-md17/aspirin/1k/val/data.npz").is_file()  # both layouts by default
 
 
 def test_sha256_mismatch(server, tmp_path, capsys):
@@ -261,7 +261,7 @@ def test_default_all_uses_source_tables(server, tmp_path, monkeypatch):
     for sub in ("md17/aspirin/1k", "md17/aspirin/10k", "md22/ac_Ala3_NHMe/25percent",
                 "md22/ac_Ala3_NHMe/100percent", "water/1k", "water/10k"):
         assert (tmp_path / sub / "test" / "data.npz").is_file(), sub
-    assert not (tmp_path / "contiguous-md17").exists()
+    assert (tmp_path / "contiguous-md17/aspirin/1k/val/data.npz").is_file()  # both layouts by default
     p = [len(load_split(tmp_path / "md22/ac_Ala3_NHMe/25percent" / s)) for s in ("train", "val", "test")]
     assert p == [17, 2, 6]  # int(100·0.7·0.25), int(100·0.1·0.25), 25 − 19
     assert load_split(tmp_path / "md22/ac_Ala3_NHMe/25percent/val").frame_spacing_fs == 1.0
