@@ -43,11 +43,14 @@ def triplets(edge_index: Tensor, num_nodes: int, shifts: Optional[Tensor] = None
     return idx_kj[keep], idx_ji[keep]
 
 
-@lru_cache(maxsize=16)
-def _all_pairs_triplet_template(n_atoms: int) -> Tuple[Tensor, Tensor]:
+@lru_cache(maxsize=32)
+def _all_pairs_triplet_template(n_atoms: int, n_structures: int, device: str) -> Tuple[Tensor, Tensor]:
+    """Triplets of ``all_pairs_edges(n_atoms, n_structures)``, cached per device (static)."""
     from mdsim.md.neighbors import all_pairs_edges
 
-    return triplets(all_pairs_edges(n_atoms, 1), n_atoms)
+    kj, ji = triplets(all_pairs_edges(n_atoms, 1), n_atoms)
+    off = (torch.arange(n_structures) * (n_atoms * (n_atoms - 1))).repeat_interleave(kj.shape[0])
+    return (kj.repeat(n_structures) + off).to(device), (ji.repeat(n_structures) + off).to(device)
 
 
 @lru_cache(maxsize=8)
@@ -105,12 +108,8 @@ class DimeNetPPModel(PotentialModel):
             return edge_index, vec, idx_kj, idx_ji
         edge_index, vec = self.edges(positions, batch, n_structures, cell, equal_size)
         if equal_size:
-            n = positions.shape[0] // n_structures
-            t_kj, t_ji = _all_pairs_triplet_template(n)
-            e_per = n * (n - 1)
-            off = (torch.arange(n_structures, device=positions.device) * e_per).repeat_interleave(t_kj.shape[0])
-            idx_kj = t_kj.to(positions.device).repeat(n_structures) + off
-            idx_ji = t_ji.to(positions.device).repeat(n_structures) + off
+            idx_kj, idx_ji = _all_pairs_triplet_template(positions.shape[0] // n_structures, n_structures,
+                                                         str(positions.device))
         else:
             idx_kj, idx_ji = triplets(edge_index, positions.shape[0])
         return edge_index, vec, idx_kj, idx_ji
