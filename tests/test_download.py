@@ -195,7 +195,7 @@ def test_corrupt_file_clear_error_nothing_written(server, tmp_path, capsys):
     assert rc != 0
     assert err[-1].startswith("error: cannot read raw file") and "md17_aspirin.npz" in err[-1]
     assert not (tmp_path / "md17" / "aspirin").exists()
-    assert (tmp_path / "contiguous-md17/aspirin/1k/val/data.npz").is_file()  # both layouts by default
+    assert not (tmp_path / "contiguous-md17").exists()
 
 
 def test_sha256_mismatch(server, tmp_path, capsys):
