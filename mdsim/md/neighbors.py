@@ -29,10 +29,18 @@ def _pair_template(n_atoms: int) -> Tensor:
 
 def all_pairs_edges(n_atoms: int, n_structures: int, device=None) -> Tensor:
     """All ordered pairs i≠j inside each of ``n_structures`` structures of ``n_atoms`` atoms,
-    atoms numbered consecutively structure by structure.  Shape (2, S·N·(N−1))."""
-    t = _pair_template(int(n_atoms)).to(device)
-    offsets = (torch.arange(n_structures, device=device) * n_atoms).repeat_interleave(t.shape[1])
-    return t.repeat(1, n_structures) + offsets
+    atoms numbered consecutively structure by structure.  Shape (2, S·N·(N−1)).
+
+    Cached per (N, S, device): repeated calls in the MD loop return the same device tensor
+    without a host-to-device copy (required for CUDA-graph capture).  Do not modify it."""
+    return _all_pairs_cached(int(n_atoms), int(n_structures), str(torch.device(device) if device is not None else "cpu"))
+
+
+@lru_cache(maxsize=32)
+def _all_pairs_cached(n_atoms: int, n_structures: int, device: str) -> Tensor:
+    t = _pair_template(n_atoms)
+    offsets = (torch.arange(n_structures) * n_atoms).repeat_interleave(t.shape[1])
+    return (t.repeat(1, n_structures) + offsets).to(device)
 
 
 def batch_all_pairs_edges(batch: Tensor, n_structures: int) -> Tensor:
