@@ -113,6 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--bond-dev-tol", type=float, default=0.5, help="Å (bond_length_deviation, default 0.5)")
     p.add_argument("--imd-tol", type=float, default=1.2, help="Å (imd, default 1.2)")
     p.add_argument("--dump-replicas", default="all", help="'all' or comma-separated replica ids to write as extxyz")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for key, val, lo in (("--replicas", args.replicas, 1), ("--steps", args.steps, 0), ("--n-dump", args.n_dump, 1)):
@@ -127,6 +128,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     frames = load_init_frames(args.init)
