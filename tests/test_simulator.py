@@ -22,6 +22,16 @@ CKPT = SHARED / "reference/original_stable_checkpoints/schnet_aspirin_1k_pretrai
 ASPIRIN = SHARED / "data/xtb_aspirin_500K.npz"
 
 
+@pytest.fixture
+def one_thread():
+    """Small models on a shared 2-core machine: OpenMP-parallel index_add on tiny tensors stalls
+    for tens of ms when the other core is busy; one thread is faster and predictable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _ethanol_system(tol=0.5):
     from ase.build import molecule
     from ase.data import atomic_masses
@@ -116,7 +126,7 @@ def test_simulator_periodic_imd(tmp_path):
     assert im[0].pbc.all() and np.allclose(im[0].cell.lengths(), L)
 
 
-def test_model_force_field_batched_matches_energy_and_forces():
+def test_model_force_field_batched_matches_energy_and_forces(one_thread):
     models = pytest.importorskip("mdsim.models")
     sysm, x = _ethanol_system()
     torch.manual_seed(0)
@@ -164,7 +174,8 @@ def test_cli_original_schnet_checkpoint(tmp_path):
     write(init, [Atoms(numbers=d["z"], positions=d["R"][i]) for i in range(0, 40, 2)])
     cmd = [sys.executable, str(ROOT / "simulator.py"), "--checkpoint", str(CKPT), "--init", str(init),
            "--replicas", "2", "--steps", "20", "--integrator", "Langevin", "--temperature", "500",
-           "--timestep", "0.5", "--out", str(out_dir), "--n-dump", "10", "--seed", "3", "--no-progress"]
+           "--timestep", "0.5", "--out", str(out_dir), "--n-dump", "10", "--seed", "3", "--no-progress",
+           "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((out_dir / "stability.json").read_text())
