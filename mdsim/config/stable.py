@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from .core import ConfigError, option
 
-INTEGRATORS = ("NoseHoover", "Langevin", "VelocityVerlet")
+INTEGRATORS = ("NoseHoover", "Langevin", "LangevinOriginal", "VelocityVerlet")
 CRITERIA = ("bond_length_deviation", "imd", "rdf")
 OBSERVABLES = ("rdf", "imd", "bond_length_dev", "adf", "vacf")
 
@@ -54,7 +54,8 @@ class StableConfig:
     vacf_window: int = option(100, "VACF lags (samples).", min=2)
     n_dump_vacf: int = option(2, "Stride between VACF windows during training.", min=1)
     # ---- MD
-    integrator: str = option("NoseHoover", "MD integrator.", choices=INTEGRATORS)
+    integrator: str = option("NoseHoover", "MD integrator (Langevin = BAOAB; LangevinOriginal = the "
+                            "original's Euler-type scheme, kept for comparison).", choices=INTEGRATORS)
     integrator_config: IntegratorConfig = option(default_factory=IntegratorConfig,
                                                  doc="Integrator parameters.")
     timestep: float = option(0.5, "MD timestep (fs).", min=0.0)

@@ -58,7 +58,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     epochs_run = 0
     for epoch in tqdm(range(cfg.n_epochs), desc=f"eval {cfg.eval_model}", disable=not cfg.progress):
         state, rec = simulate(ctx.integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
-                              oset.vacf_stride, gen)
+                              oset.vacf_stride, gen, backend=cfg.md_backend)
         epochs_run += 1
         unstable_fr, _ = stability_values(rec.frames, ctx.system, energy=rec.energies)
         was_stable = tracker.stable.clone()

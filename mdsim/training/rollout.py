@@ -22,8 +22,12 @@ class EpochRecord:
 
 def simulate(integrator, force_fn, state: MDState, steps: int, n_dump: int, eq_steps: int = 0,
              vstride: int = 1, generator=None, record_velocities: bool = True,
-             progress: bool = False, desc: str = "MD") -> tuple:
-    """Advance all replicas ``steps`` steps.  Returns (final state, :class:`EpochRecord`)."""
+             progress: bool = False, desc: str = "MD", backend: str = "eager") -> tuple:
+    """Advance all replicas ``steps`` steps.  Returns (final state, :class:`EpochRecord`).
+
+    ``backend`` (config ``md_backend``): ``eager`` runs the step functions as they are."""
+    if backend != "eager":
+        raise NotImplementedError(f"md_backend {backend!r} is not available yet; use eager")
     frames, fsteps, energies, temps, vels = [], [], [], [], []
     for t in tqdm(range(1, steps + 1), disable=not progress, desc=desc, leave=False):
         state = integrator.step(state, force_fn, generator)

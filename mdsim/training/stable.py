@@ -7,8 +7,11 @@ Boltzmann-estimator gradient of the observable loss plus the QM energy/force gra
 Phases: in the *simulation phase* replicas continue from where they stopped; unstable ones
 restart from their state at the start of the epoch (with fresh Maxwell–Boltzmann velocities,
 so a deterministic thermostat does not replay the same failure), and ``reset_probability`` of
-the stable ones jump to a random earlier start state.  Once the unstable fraction reaches
-``max_frac_unstable_threshold`` a *learning phase* (cycle) begins: every learning epoch
+the stable ones jump to a random earlier start state.  A replica that went unstable stays
+counted as unstable until the next learning phase (in the original, restarting from the same
+state with the same velocities made instability absorbing; here the count is explicit).  Once
+the fraction of such replicas reaches ``max_frac_unstable_threshold`` a *learning phase*
+(cycle) begins: every learning epoch
 restarts all replicas from the start states of the epoch that triggered it, simulates with the
 current parameters and takes one optimizer step; ReduceLROnPlateau (×0.2, patience 10) on the
 unstable fraction lowers the learning rate, and the cycle ends when it falls to
@@ -220,6 +223,7 @@ def train(cfg: StableConfig, log=print) -> Path:
         state = _state_from(rs["state"], ctx.device)
         learn_start = _state_from(rs["learn_start"], ctx.device) if rs["learn_start"] else None
         saved_starts = [_state_from(s, ctx.device) for s in rs["saved_starts"]]
+        flagged = rs["flagged"].to(ctx.device)
         gen.set_state(rs["gen"])
         shuffle_gen.set_state(rs["shuffle_gen"])
         p = rs["phase"]
@@ -234,6 +238,7 @@ def train(cfg: StableConfig, log=print) -> Path:
                               generator=gen, mode="random", ic_stddev=cfg.ic_stddev, dtype=ctx.dtype,
                               device=ctx.device)
         learn_start, saved_starts = None, []
+        flagged = torch.zeros(cfg.n_replicas, dtype=torch.bool, device=ctx.device)
         learning, cycle, learn_epoch, epoch0 = always_learn, 0, 0, 0
         lr_now = cfg.lr if always_learn else 0.0
         optimizer, scheduler = _new_optimizer(cfg, model, lr_now)
@@ -245,10 +250,15 @@ def train(cfg: StableConfig, log=print) -> Path:
         t0 = time.time()
         start = learn_start.clone() if (learning and learn_start is not None and not always_learn) else state
         end, rec = simulate(ctx.integrator, ctx.force_field, start.clone(), cfg.steps, cfg.n_dump,
-                            cfg.eq_steps, ctx.oset.vacf_stride, gen, progress=False)
+                            cfg.eq_steps, ctx.oset.vacf_stride, gen, progress=False,
+                            backend=cfg.md_backend)
         unstable_fr, values = stability_values(rec.frames, ctx.system, energy=rec.energies)
         unstable = unstable_fr.any(dim=0)
-        u = float(unstable.float().mean())
+        if not learning:
+            flagged = flagged | unstable  # unstable since the last learning phase
+            u = float(flagged.float().mean())
+        else:
+            u = float(unstable.float().mean())
         sim_time = time.time() - t0
         scalars = {"Fraction of Unstable Replicas": u, "Simulation Time": sim_time,
                    "Learning Rate": optimizer.param_groups[0]["lr"]}
@@ -295,6 +305,7 @@ def train(cfg: StableConfig, log=print) -> Path:
                 shutil.copyfile(folder / f"end_of_cycle{cycle}.pt", folder / "ckpt.pt")
                 log(f"epoch {epoch + 1}: end of learning cycle {cycle} (lr {lr_now:.3g}, unstable {u:.2f})")
                 learning, learn_epoch, learn_start = False, 0, None
+                flagged = torch.zeros_like(flagged)
                 optimizer, scheduler = _new_optimizer(cfg, model, 0.0)
                 state = _restart(ctx, end, unstable, start, gen)
             elif always_learn:
@@ -326,6 +337,7 @@ def train(cfg: StableConfig, log=print) -> Path:
             "config": to_dict(cfg), "model": model.state_dict(), "state": _state_dict(state),
             "learn_start": _state_dict(learn_start) if learn_start is not None else None,
             "saved_starts": [_state_dict(s) for s in saved_starts], "gen": gen.get_state(),
+            "flagged": flagged.cpu(),
             "shuffle_gen": shuffle_gen.get_state(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "phase": {"learning": learning, "cycle": cycle, "learn_epoch": learn_epoch, "epoch": epoch + 1,
