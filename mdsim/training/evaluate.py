@@ -95,10 +95,12 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         adf_maes = obs.adf_mae(adfs, refs.adf).numpy()
         vacf_arr = torch.stack(vacfs).numpy() if vacfs else None
         if vacf_arr is not None:
-            with np.errstate(invalid="ignore"):
+            import warnings
+            with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: never-stable replicas
                 vacf_mean = np.nanmean(vacf_arr, axis=0) if np.isfinite(vacf_arr).any() else vacf_arr[0]
-            vacf_maes = np.nanmean(np.abs(vacf_arr - refs.vacf.numpy()[None, None]).mean(-1), axis=0) \
-                if np.isfinite(vacf_arr).any() else np.full(R, np.nan)
+                vacf_maes = np.nanmean(np.abs(vacf_arr - refs.vacf.numpy()[None, None]).mean(-1), axis=0) \
+                    if np.isfinite(vacf_arr).any() else np.full(R, np.nan)
     out.mkdir(parents=True, exist_ok=True)
     metrics: Dict[str, Optional[float]] = {
         "Energy MAE (kcal/mol)": ef["energy_mae"] / KCAL_MOL,
