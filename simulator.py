@@ -90,32 +90,53 @@ def build_system(frames: dict, criterion: str, tolerance: float, dtype=torch.flo
         raise SystemExit(f"--stability-criterion: {exc}")
 
 
+#: defaults of the flags a simulate config can also supply
+DEFAULTS = {"replicas": 1, "steps": 1000, "integrator": "NoseHoover", "temperature": 500.0, "timestep": 0.5,
+            "gamma": 0.1, "ttime": 20.0, "n_dump": 100, "seed": 0, "dtype": "float32",
+            "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Batched multi-replica MD with a trained potential.")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (ours or the original's SchNet)")
-    p.add_argument("--init", required=True, help="initial frames: xyz/extxyz file or npz with keys z, R (Å)")
-    p.add_argument("--replicas", type=int, default=1, help="number of replicas R (default 1)")
-    p.add_argument("--steps", type=int, default=1000, help="MD steps (default 1000)")
-    p.add_argument("--integrator", default="NoseHoover",
+    p.add_argument("--config-yml", "--config_yml", dest="config_yml", default=None,
+                   help="a simulate config (configs/stable_training/*/simulate.yml): supplies the checkpoint "
+                        "(eval_model), initial frames (test split), replicas, steps (steps × n_epochs), integrator, "
+                        "temperature, timestep, n_dump, stability criterion and seed; explicit flags win")
+    p.add_argument("--eval_model", default=None, help="with --config-yml: which checkpoint (pre, post, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config-yml: override a config key (repeatable)")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (ours or the original's SchNet)")
+    p.add_argument("--init", default=None, help="initial frames: xyz/extxyz file or npz with keys z, R (Å)")
+    p.add_argument("--replicas", type=int, default=None, help="number of replicas R (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="MD steps (default 1000)")
+    p.add_argument("--integrator", default=None,
                    choices=["VelocityVerlet", "Langevin", "LangevinOriginal", "NoseHoover"])
-    p.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
-    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
-    p.add_argument("--gamma", type=float, default=0.1, help="Langevin friction in 1/ps (default 0.1)")
-    p.add_argument("--ttime", type=float, default=20.0, help="Nosé–Hoover time constant in timesteps (default 20)")
-    p.add_argument("--out", required=True, help="output folder (thermo.csv, replica_<r>.extxyz, stability.json)")
-    p.add_argument("--n-dump", type=int, default=100, help="steps between dumps/stability checks (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="K (default 500)")
+    p.add_argument("--timestep", type=float, default=None, help="fs (default 0.5)")
+    p.add_argument("--gamma", type=float, default=None, help="Langevin friction in 1/ps (default 0.1)")
+    p.add_argument("--ttime", type=float, default=None, help="Nosé–Hoover time constant in timesteps (default 20)")
+    p.add_argument("--out", default=None, help="output folder (thermo.csv, replica_<r>.extxyz, stability.json)")
+    p.add_argument("--n-dump", type=int, default=None, help="steps between dumps/stability checks (default 100)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"])
     p.add_argument("--frames", default="first", choices=["first", "random"],
                    help="starting frames: the first R (default) or R random distinct frames")
-    p.add_argument("--stability-criterion", default="bond_length_deviation", choices=["bond_length_deviation", "imd"])
-    p.add_argument("--bond-dev-tol", type=float, default=0.5, help="Å (bond_length_deviation, default 0.5)")
-    p.add_argument("--imd-tol", type=float, default=1.2, help="Å (imd, default 1.2)")
+    p.add_argument("--stability-criterion", default=None, choices=["bond_length_deviation", "imd"])
+    p.add_argument("--bond-dev-tol", type=float, default=None, help="Å (bond_length_deviation, default 0.5)")
+    p.add_argument("--imd-tol", type=float, default=None, help="Å (imd, default 1.2)")
     p.add_argument("--dump-replicas", default="all", help="'all' or comma-separated replica ids to write as extxyz")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.config_yml:
+        _apply_config(args)
+    for k, v in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for name in ("checkpoint", "init", "out"):
+        if getattr(args, name) is None:
+            p.error(f"--{name} is required (or give --config-yml)")
     for key, val, lo in (("--replicas", args.replicas, 1), ("--steps", args.steps, 0), ("--n-dump", args.n_dump, 1)):
         if val < lo:
             p.error(f"{key}: expected an integer >= {lo}, got {val}")
@@ -124,6 +145,33 @@ def parse_args(argv=None):
     if not args.temperature > 0:
         p.error(f"--temperature: expected a positive temperature in K, got {args.temperature}")
     return args
+
+
+def _apply_config(args) -> None:
+    """Fill unset flags from a StableConfig (one clear error on a bad config)."""
+    from mdsim.config import ConfigError, StableConfig, load_config
+    from mdsim.data.format import split_dir
+    from mdsim.training import setup
+
+    overrides = list(args.overrides) + ([("eval_model", args.eval_model)] if args.eval_model else [])
+    try:
+        cfg = load_config(StableConfig, args.config_yml, overrides)
+        ckpt = setup.eval_checkpoint(cfg)
+    except (ConfigError, setup.SetupError) as exc:
+        raise SystemExit(f"config error: {exc}")
+    fill = {
+        "checkpoint": str(ckpt),
+        "init": str(split_dir(cfg.src, cfg.name, cfg.molecule, cfg.size, "test") / "data.npz"),
+        "out": str(setup.run_folder(cfg) / "inference" / cfg.eval_model / "md"),
+        "replicas": cfg.n_replicas, "steps": cfg.steps * cfg.n_epochs, "integrator": cfg.integrator,
+        "temperature": cfg.temperature, "timestep": cfg.timestep, "gamma": cfg.integrator_config.gamma,
+        "ttime": cfg.integrator_config.ttime, "n_dump": cfg.n_dump, "seed": cfg.seed,
+        "stability_criterion": cfg.stability_criterion, "bond_dev_tol": cfg.bond_dev_tol, "imd_tol": cfg.imd_tol,
+        "dtype": cfg.dtype,
+    }
+    for k, v in fill.items():
+        if getattr(args, k) is None:  # explicit flags win
+            setattr(args, k, v)
 
 
 def main(argv=None) -> int:
