@@ -6,13 +6,13 @@ optional velocities in Å/fs.  Files are written atomically (temporary name, the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from mdsim.atomic import atomic_write
 
 SPLITS = ("train", "val", "test")
 _OPTIONAL = ("cell", "pbc", "V", "R_unwrapped", "molecule_index", "frame_spacing_fs", "temperature_K")
@@ -82,20 +82,6 @@ def split_dir(data_root, name: str, molecule: Optional[str], size: str, split: O
     return p / split if split else p
 
 
-def _atomic_write(path: Path, writer):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_split(directory, data: SplitData) -> Path:
     directory = Path(directory)
     arrays = {"R": data.R, "z": data.z, "E": data.E, "F": data.F, "fid": data.fid}
@@ -111,7 +97,7 @@ def save_split(directory, data: SplitData) -> Path:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
-    _atomic_write(out, w)
+    atomic_write(out, w)
     return out
 
 
@@ -155,8 +141,8 @@ def save_metadata(directory, train: SplitData, extra: Optional[dict] = None) -> 
         with open(tmp, "wb") as fh:
             np.save(fh, meta, allow_pickle=True)
 
-    _atomic_write(directory / "metadata.npy", w_npy)
-    _atomic_write(directory / "metadata.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / "metadata.npy", w_npy)
+    atomic_write(directory / "metadata.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return meta
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from mdsim.atomic import atomic_torch_save
 
 from .base import PotentialModel
 from .registry import INERT_KEYS, build_model, canonical_name
@@ -56,18 +57,7 @@ def save_checkpoint(path, model: PotentialModel, extra: Optional[Dict] = None) -
         "normalizers": model.normalizers(),
     }
     ckpt.update(extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_torch_save(ckpt, path)
 
 
 def load_checkpoint_dict(path, map_location="cpu") -> Dict:

@@ -2,38 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, then rename (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+from mdsim.atomic import atomic_torch_save, atomic_write_text  # noqa: F401  (re-exported)
 
 
 def write_yaml(path, data: dict) -> None:
