@@ -62,20 +62,22 @@ def velocity_verlet_step(state: MDState, force_fn: ForceFn, dt: float, generator
 
 
 def langevin_baoab_step(state: MDState, force_fn: ForceFn, dt: float, temperature: float, gamma: float,
-                        generator: GeneratorLike = None) -> MDState:
+                        generator: GeneratorLike = None, noise: Optional[Tensor] = None) -> MDState:
     """Langevin dynamics, BAOAB splitting (Leimkuhler & Matthews 2013).
 
     B: v += (dt/2)F/m;  A: x += (dt/2)v;  O: v ← c₁v + √((1−c₁²)k_BT/m)·ξ, c₁ = e^{−γdt};
     A: x += (dt/2)v;  F ← F(x);  B: v += (dt/2)F/m.
     The O step is the exact Ornstein–Uhlenbeck solution, so any γ ≥ 0 is stable; configurational
     sampling is exact for harmonic potentials and O(dt²) accurate in general.  ``gamma`` in
-    1/ASE-time, ``temperature`` in K."""
+    1/ASE-time, ``temperature`` in K.  ``noise`` (R,N,3): the standard normal ξ to use instead
+    of drawing it from ``generator`` (pre-drawn noise for compiled/captured steps)."""
     im = _inv_mass(state)
     c1 = math.exp(-gamma * dt)
     c2 = math.sqrt(max(1.0 - c1 * c1, 0.0) * KB * temperature)
     v = state.velocities + (0.5 * dt) * state.forces * im
     x = state.positions + (0.5 * dt) * v
-    v = c1 * v + c2 * im.sqrt() * randn_like_replicas(v, generator)
+    xi = randn_like_replicas(v, generator) if noise is None else noise
+    v = c1 * v + c2 * im.sqrt() * xi
     x = x + (0.5 * dt) * v
     e, f = force_fn(x, state.cell)
     v = v + (0.5 * dt) * f * im
@@ -83,15 +85,17 @@ def langevin_baoab_step(state: MDState, force_fn: ForceFn, dt: float, temperatur
 
 
 def langevin_original_step(state: MDState, force_fn: ForceFn, dt: float, temperature: float, gamma: float,
-                           generator: GeneratorLike = None) -> MDState:
+                           generator: GeneratorLike = None, noise: Optional[Tensor] = None) -> MDState:
     """The original implementation's Euler-type Langevin update (kept for comparison):
     x' = x + dt v;  v' = v + dt(F(x')/m − γv) + √(2γk_BT dt/m)·ξ.
-    First order; its stationary temperature deviates from T by O(dt) (symplectic-Euler-like)."""
+    First order; its stationary temperature deviates from T by O(dt) (symplectic-Euler-like).
+    ``noise``: pre-drawn standard normal ξ (R,N,3), as for :func:`langevin_baoab_step`."""
     im = _inv_mass(state)
     x = state.positions + dt * state.velocities
     e, f = force_fn(x, state.cell)
-    noise = math.sqrt(2.0 * gamma * KB * temperature * dt) * im.sqrt() * randn_like_replicas(x, generator)
-    v = state.velocities + dt * (f * im - gamma * state.velocities) + noise
+    xi = randn_like_replicas(x, generator) if noise is None else noise
+    kick = math.sqrt(2.0 * gamma * KB * temperature * dt) * im.sqrt() * xi
+    v = state.velocities + dt * (f * im - gamma * state.velocities) + kick
     return _advance(state, positions=x, velocities=v, forces=f, energy=e)
 
 
@@ -147,8 +151,24 @@ class Integrator:
     def timestep_fs(self) -> float:
         return self.dt / FS
 
-    def step(self, state: MDState, force_fn: ForceFn, generator: GeneratorLike = None) -> MDState:
+    def step(self, state: MDState, force_fn: ForceFn, generator: GeneratorLike = None,
+             noise: Optional[Tensor] = None) -> MDState:
+        """One step.  ``noise`` (stochastic integrators only): the pre-drawn standard normal
+        (R,N,3) from :meth:`draw_noise`, used instead of drawing from ``generator``."""
+        if noise is not None:
+            if not self.stochastic:
+                raise ValueError(f"integrator {self.name} is deterministic and takes no noise")
+            return self.fn(state, force_fn, self.dt, generator=generator, noise=noise, **self.params)
         return self.fn(state, force_fn, self.dt, generator=generator, **self.params)
+
+    def draw_noise(self, state: MDState, generator: GeneratorLike = None) -> Optional[Tensor]:
+        """The standard normal noise one step would draw from ``generator`` (None for
+        deterministic integrators): drawing it here and passing it to :meth:`step` gives the
+        same result as letting the step draw it, and keeps the RNG outside compiled or
+        captured code."""
+        if not self.stochastic:
+            return None
+        return randn_like_replicas(state.velocities, generator)
 
 
 def make_integrator(name: str, timestep_fs: float, temperature_K: Optional[float] = None,

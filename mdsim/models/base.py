@@ -114,10 +114,13 @@ class PotentialModel(nn.Module):
             if n_atoms % n_structures:
                 raise ModelInputError(f"equal_size=True but {n_atoms} atoms do not split into "
                                       f"{n_structures} equal structures")
-            edge_index = all_pairs_edges(n_atoms // n_structures, n_structures, device=positions.device)
+            edge_index = static_all_pairs(n_atoms // n_structures, n_structures, positions.device)
         else:
             edge_index = batch_all_pairs_edges(batch, n_structures)
-        return edge_index, edge_vectors(positions, edge_index)
+        # index_select (backward: index_add) rather than advanced indexing (backward: a sorted
+        # index_put): same values, cheaper and plainly capture-safe on GPUs
+        vec = positions.index_select(0, edge_index[1]) - positions.index_select(0, edge_index[0])
+        return edge_index, vec
 
     # ------------------------------------------------------------------ forward
     def atomic_outputs(self, positions: Tensor, atomic_numbers: Tensor, batch: Tensor,
@@ -145,6 +148,33 @@ class PotentialModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}"
+
+
+_STATIC_PAIRS: Dict = {}
+_PINNED_PAIRS: set = set()
+_MAX_UNPINNED_PAIRS = 32
+
+
+def static_all_pairs(n_atoms: int, n_structures: int, device, pin: bool = False) -> Tensor:
+    """The all-pairs edge list of equal-size structures, from a plain dict cache.
+
+    Returns the same device tensor on every call (no host-to-device copy: CUDA-graph safe) and
+    is ``torch.compile`` friendly: once an entry exists, dynamo reads it as a graph input
+    instead of tracing its construction (boolean indexing: a data-dependent shape, a graph
+    break); adding entries later does not trigger recompilation.  ``pin=True`` (what
+    :func:`mdsim.md.compiled.functional_force_fn` does before compiling) exempts the entry from
+    eviction (at most 32 unpinned entries are kept)."""
+    key = (int(n_atoms), int(n_structures), str(torch.device(device)))
+    edge_index = _STATIC_PAIRS.get(key)
+    if edge_index is None:
+        edge_index = all_pairs_edges(n_atoms, n_structures, device=device)
+        unpinned = [k for k in _STATIC_PAIRS if k not in _PINNED_PAIRS]
+        if len(unpinned) >= _MAX_UNPINNED_PAIRS:
+            del _STATIC_PAIRS[unpinned[0]]
+        _STATIC_PAIRS[key] = edge_index
+    if pin:
+        _PINNED_PAIRS.add(key)
+    return edge_index
 
 
 def _check_inputs(positions, atomic_numbers, batch, n_structures, cell):
