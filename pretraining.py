@@ -8,11 +8,15 @@
 Outputs go to ``<run_dir>/<dataset>_<size>_<model>/``: ``checkpoints/{checkpoint,best_checkpoint}.pt``,
 ``checkpoints/config.yml`` and tensorboard logs in ``logs/``.  Rerunning ``--mode train`` resumes
 from ``checkpoint.pt`` (``--fresh`` starts over).
+
+Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N pretraining.py ...`` trains with
+DistributedDataParallel; ``optim.batch_size`` is the global batch (docs/distributed.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,22 +38,28 @@ def main(argv=None) -> int:
     add_config_args(p, FLAGS)
     args = p.parse_args(argv)
     cfg = config_from_args(PretrainConfig, args, FLAGS)
-    from mdsim.training import pretrain
+    from mdsim.training import distributed, pretrain
 
+    main = int(os.environ.get("RANK", "0")) == 0
     try:
         if args.mode == "train":
             res = pretrain.train(cfg, fresh=args.fresh)
-            print(json.dumps({"run_dir": str(res.run_dir), "epochs": res.epochs, "stopped": res.stopped,
-                              "best_val": res.best_val}, indent=2))
+            if main:
+                print(json.dumps({"run_dir": str(res.run_dir), "epochs": res.epochs, "stopped": res.stopped,
+                                  "best_val": res.best_val}, indent=2))
         else:
             ck = Path(args.checkpoint) if args.checkpoint else pretrain.run_folder(cfg) / "checkpoints" / "best_checkpoint.pt"
             if not ck.is_file():
                 raise FileNotFoundError(f"checkpoint not found: {ck}")
             split = "val" if args.mode == "validate" else "test"
-            print(json.dumps(pretrain.evaluate_checkpoint(cfg, ck, split), indent=2))
+            metrics = pretrain.evaluate_checkpoint(cfg, ck, split)
+            if main:
+                print(json.dumps(metrics, indent=2))
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
     return 0
 
 

@@ -9,10 +9,14 @@ Training writes checkpoints (``cycle<c>_epoch<e>.pt``, ``end_of_cycle<c>.pt``, `
 tensorboard logs and ``resume.pt`` to the run folder; rerunning the same command resumes.
 Evaluation (``train: false``) writes ``final_metrics.json``, ``.npy`` observables and PNG plots
 to ``<run folder>/inference/<eval_model>/``.
+
+Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N stable_training.py ...`` shards
+the replicas over the processes; training gives the single-process update (docs/distributed.md).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 FLAGS = {"--eval_model": "eval_model", "--molecule": "molecule", "--size": "size", "--seed": "seed",
@@ -33,8 +37,14 @@ def main(argv=None) -> int:
     if not args.config_yml:
         p.error("--config-yml is required")
     cfg = config_from_args(StableConfig, args, FLAGS)
+    from mdsim.training import distributed
+
     try:
         if cfg.pipeline is not None:
+            if distributed.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise SetupError("the one-command pipeline (pipeline: section) runs in one process; under "
+                                 "torchrun run its steps separately (pretraining.py, then stable_training.py "
+                                 "with train.yml and simulate.yml)")
             from mdsim.training.pipeline import run_pipeline
             run_pipeline(cfg)
         elif cfg.train:
@@ -43,10 +53,13 @@ def main(argv=None) -> int:
         else:
             from mdsim.training.evaluate import run_evaluation
             out = run_evaluation(cfg)
-            print(f"metrics: {out / 'final_metrics.json'}")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"metrics: {out / 'final_metrics.json'}")
     except (SetupError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
     return 0
 
 

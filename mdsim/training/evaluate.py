@@ -5,6 +5,11 @@ stored every ``n_dump`` steps; a replica's stability time is the time of its fir
 frame (frozen afterwards).  Observables are averaged over each replica's stable frames.
 Writes ``final_metrics.json``, the observables as ``.npy`` and PNG plots to
 ``<run folder>/inference/<eval_model>/``.
+
+Under ``torchrun`` the replicas are sharded over the ranks (initial velocities and Langevin
+noise drawn for all replicas, each rank keeping its own, as in training); the stopping rule
+uses the global unstable fraction, and the per-replica results are gathered on rank 0, which
+computes the metrics and writes everything (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -18,15 +23,14 @@ from tqdm.auto import tqdm
 
 from mdsim import observables as obs
 from mdsim.config import StableConfig, to_dict
-from mdsim.md.init import initial_state
 from mdsim.md.stability import StabilityTracker, stability_values
 from mdsim.units import KCAL_MOL
 
-from . import setup
+from . import distributed, setup
 from .io import write_json, write_yaml
 from .pretrain import evaluate as ef_errors
 from .rollout import simulate
-from .stable import EF_TEST_FRAMES, prepare
+from .stable import EF_TEST_FRAMES, Shard, _initial_shard, _quiet, md_integrator, prepare
 
 
 def _mean_std(x: np.ndarray):
@@ -35,30 +39,39 @@ def _mean_std(x: np.ndarray):
 
 
 def run_evaluation(cfg: StableConfig, log=print) -> Path:
+    comm = distributed.setup(cfg.device)
+    main = comm.is_main
+    if not main:
+        log = _quiet
     ckpt_path = setup.eval_checkpoint(cfg)  # fails before anything is written
-    ctx = prepare(cfg, checkpoint=ckpt_path, log=log)
+    ctx = prepare(cfg, checkpoint=ckpt_path, log=log, device=comm.device)
     out = ctx.folder / "inference" / cfg.eval_model
     log(f"evaluating {ckpt_path} → {out}")
     R = cfg.n_replicas
     if R > len(ctx.test):
         raise setup.SetupError(f"n_replicas {R} exceeds the {len(ctx.test)} test frames")
+    if R < comm.world_size:
+        raise setup.SetupError(f"n_replicas {R} is smaller than the {comm.world_size} processes")
+    shard = Shard(*comm.shard(R), R)
+    sizes = comm.shard_sizes(R)
+    Rl = shard.hi - shard.lo
     gen = torch.Generator().manual_seed(cfg.seed)
-    state = initial_state(ctx.system, ctx.test.R, ctx.force_field, R, cfg.temperature, generator=gen,
-                          mode="first", ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device)
-    ef = ef_errors(ctx.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES)
-    tracker = StabilityTracker(R, cfg.stability_criterion, device=ctx.device)
+    state = _initial_shard(ctx, ctx.test.R, R, gen, shard, "first")
+    ef = ef_errors(ctx.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES, comm=comm)
+    integrator, md_backend = md_integrator(ctx, comm, shard, log)
+    tracker = StabilityTracker(Rl, cfg.stability_criterion, device=ctx.device)
     oset, refs = ctx.oset, ctx.refs
     H = refs.rdf_hist.numel()
-    rdf_sum = torch.zeros(R, H, dtype=torch.float64)
-    adf_sum = torch.zeros(R, refs.adf.numel(), dtype=torch.float64)
-    nfr = torch.zeros(R, dtype=torch.float64)
+    rdf_sum = torch.zeros(Rl, H, dtype=torch.float64)
+    adf_sum = torch.zeros(Rl, refs.adf.numel(), dtype=torch.float64)
+    nfr = torch.zeros(Rl, dtype=torch.float64)
     vacfs = []  # per epoch (R, W), NaN where the replica was unstable
     full_traj = []
     total_steps = 0
     epochs_run = 0
-    for epoch in tqdm(range(cfg.n_epochs), desc=f"eval {cfg.eval_model}", disable=not cfg.progress):
-        state, rec = simulate(ctx.integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
-                              oset.vacf_stride, gen, backend=cfg.md_backend)
+    for epoch in tqdm(range(cfg.n_epochs), desc=f"eval {cfg.eval_model}", disable=not (cfg.progress and main)):
+        state, rec = simulate(integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
+                              oset.vacf_stride, gen, backend=md_backend)
         epochs_run += 1
         unstable_fr, _ = stability_values(rec.frames, ctx.system, energy=rec.energies)
         was_stable = tracker.stable.clone()
@@ -82,18 +95,30 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             v[~keep] = float("nan")
             vacfs.append(v)
         full_traj.append(pos.numpy().astype(np.float32))
-        if float((~tracker.stable).float().mean()) >= cfg.max_frac_unstable_threshold:
-            log(f"epoch {epoch + 1}: {float((~tracker.stable).float().mean()):.0%} unstable, stopping")
+        (n_unstable,) = comm.sum_floats(float((~tracker.stable).sum()))
+        if n_unstable / R >= cfg.max_frac_unstable_threshold:
+            log(f"epoch {epoch + 1}: {n_unstable / R:.0%} unstable, stopping")
             break
 
-    stab = tracker.stability_time_ps(total_steps, cfg.timestep).cpu().numpy()
+    stab = tracker.stability_time_ps(total_steps, cfg.timestep).cpu()
+    stable_now = tracker.stable.cpu()
+    vacf_t = torch.stack(vacfs).transpose(0, 1).contiguous() if vacfs else None  # (R, epochs, W)
+    traj = torch.from_numpy(np.concatenate(full_traj, 0).transpose(1, 0, 2, 3).copy())  # (R, frames, N, 3)
+    if comm.distributed:  # per-replica results to rank 0 (CPU tensors)
+        stab, stable_now, rdf_sum, adf_sum, nfr = (comm.gather_cat(t, sizes) for t in
+                                                    (stab, stable_now, rdf_sum, adf_sum, nfr))
+        vacf_t = comm.gather_cat(vacf_t, sizes) if vacf_t is not None else None
+        traj = comm.gather_cat(traj, sizes)
+    if not main:
+        return out
+    stab = stab.numpy()
     with torch.no_grad():
         have = nfr > 0
         rdfs = torch.where(have[:, None], rdf_sum / nfr.clamp(min=1)[:, None], torch.nan)
         adfs = torch.where(have[:, None], adf_sum / nfr.clamp(min=1)[:, None], torch.nan)
         rdf_maes = obs.rdf_mae(rdfs, refs.rdf_hist, cfg.max_rdf_dist).numpy()
         adf_maes = obs.adf_mae(adfs, refs.adf).numpy()
-        vacf_arr = torch.stack(vacfs).numpy() if vacfs else None
+        vacf_arr = vacf_t.transpose(0, 1).numpy() if vacf_t is not None else None  # (epochs, R, W)
         if vacf_arr is not None:
             import warnings
             with warnings.catch_warnings(), np.errstate(invalid="ignore"):
@@ -111,7 +136,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         "Std Dev Stability (ps)": float(np.std(stab)),
         "Median Stability (ps)": float(np.median(stab)),
         "Simulated Time (ps)": total_steps * cfg.timestep / 1000.0,
-        "Fraction Stable": float(tracker.stable.float().mean()),
+        "Fraction Stable": float(stable_now.float().mean()),
     }
     for name, arr in (("RDF", rdf_maes), ("ADF", adf_maes)):
         m, s = _mean_std(arr)
@@ -121,7 +146,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         metrics["Mean VACF MAE"], metrics["Std Dev VACF MAE"] = m, s
     metrics = {k: (None if (v is None or not math.isfinite(v)) else v) for k, v in metrics.items()}
     np.save(out / "replicas_stable_time.npy", stab)
-    np.save(out / "full_traj.npy", np.concatenate(full_traj, 0).transpose(1, 0, 2, 3))  # (R, frames, N, 3)
+    np.save(out / "full_traj.npy", traj.numpy())  # (R, frames, N, 3)
     np.save(out / "final_rdfs.npy", rdfs.numpy())
     np.save(out / "final_adfs.npy", adfs.numpy())
     np.save(out / "final_rdf_maes.npy", rdf_maes)

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from boltzmann_estimator import BoltzmannEstimator
+from boltzmann_estimator import BoltzmannEstimator, resolve_loss_grad
 from mdsim.data.format import SplitData
 from mdsim.models import batch_from_frames
 from mdsim.training.pretrain import EnergyForceLoss
@@ -54,16 +54,83 @@ def observable_gradient(model, target: TrainingObservable, samples: Tensor, atom
     return grads, stats["loss"]
 
 
+def sharded_observable_gradient(model, target: TrainingObservable, samples: Tensor, atomic_numbers: Tensor,
+                                cell: Optional[Tensor], kT: float, minibatch_size: int, scale_by_kT: bool,
+                                comm, dtype=torch.float32):
+    """Boltzmann-estimator gradient when the samples are spread over ranks (this rank holds
+    ``samples`` (S_r, N, 3)); every rank returns the gradient of all samples.
+
+    The estimator is linear in the samples once the global mean observable is known:
+    all-reduce Σ O_i and the sample count → ⟨O⟩ and ∂L/∂⟨O⟩ (the same on every rank); each
+    rank weights its samples by w_i = −(s_i − s̄)/(N kT), s_i = O_i·∂L/∂⟨O⟩, s̄ = ⟨O⟩·∂L/∂⟨O⟩,
+    back-propagates Σ_i w_i U_θ(x_i) over its minibatches, and the gradients are all-reduce
+    summed.  Returns (grads, loss)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    S = samples.shape[0]
+    with torch.no_grad():
+        O = target.samples(samples.to(torch.float64)) if S else None
+    if O is not None and O.dim() == 1:
+        O = O[:, None]
+    # the observable's length (a rank may hold no samples)
+    K = int(comm.all_reduce(torch.tensor([O.shape[1] if O is not None else 0], device=comm.device), "max").item())
+    dev = comm.device
+    buf = torch.zeros(K + 1, dtype=torch.float64, device=dev)
+    if O is not None:
+        buf[:K] = O.sum(0).to(dev)
+        buf[K] = S
+    comm.all_reduce(buf)
+    n_total = float(buf[K])
+    if n_total == 0:
+        return [torch.zeros_like(p) for p in params], float("nan")
+    mean_obs = buf[:K] / n_total
+    g_obs, loss = resolve_loss_grad(target.loss, mean_obs)
+    grads = [torch.zeros_like(p) for p in params]
+    if O is not None:
+        g = g_obs.to(O)
+        s = O @ g
+        w = -(s - mean_obs.to(O) @ g) / n_total
+        if scale_by_kT:
+            w = w / kT
+        energy_fn = energy_fn_for(model, atomic_numbers, cell, dtype)
+        for a in range(0, S, minibatch_size):
+            x = samples[a:a + minibatch_size].detach()
+            e = energy_fn(x).reshape(-1)
+            gs = torch.autograd.grad((w[a:a + x.shape[0]].to(e) * e).sum(), params, allow_unused=True)
+            for t, gi in zip(grads, gs):
+                if gi is not None:
+                    t.add_(gi)
+    return _all_reduce_grads(comm, grads), loss
+
+
+def _all_reduce_grads(comm, grads: List[Tensor]) -> List[Tensor]:
+    """Sum a list of gradients over ranks (one flat buffer, one collective)."""
+    if not comm.distributed or not grads:
+        return grads
+    flat_g = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+    out, i = [], 0
+    for g in grads:
+        out.append(flat_g[i:i + g.numel()].view_as(g))
+        i += g.numel()
+    return out
+
+
 def energy_force_gradient(model, data: SplitData, settings: EFLossSettings, minibatch_size: int,
-                          device, dtype=torch.float32, max_frames: Optional[int] = None):
-    """Mean over unshuffled minibatches of ∇θ of the pretraining loss on ``data``."""
+                          device, dtype=torch.float32, max_frames: Optional[int] = None, comm=None):
+    """Mean over unshuffled minibatches of ∇θ of the pretraining loss on ``data``.
+
+    With a distributed ``comm`` the minibatches are dealt out to the ranks (batch b to rank
+    b mod W) and the sums all-reduced: every rank returns the mean over all minibatches."""
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = EnergyForceLoss(settings)
     n = len(data) if max_frames is None else min(len(data), max_frames)
     z = torch.as_tensor(data.z, device=device)
     total = [torch.zeros_like(p) for p in params]
     nb, lsum = 0, 0.0
-    for s in range(0, n, minibatch_size):
+    distributed = comm is not None and comm.distributed
+    for b, s in enumerate(range(0, n, minibatch_size)):
+        if distributed and b % comm.world_size != comm.rank:
+            nb += 1
+            continue
         sl = slice(s, min(n, s + minibatch_size))
         R = torch.as_tensor(data.R[sl], dtype=dtype, device=device)
         E = torch.as_tensor(data.E[sl], dtype=torch.float64, device=device)
@@ -76,6 +143,9 @@ def energy_force_gradient(model, data: SplitData, settings: EFLossSettings, mini
                 t.add_(g)
         lsum += float(loss.detach())
         nb += 1
+    if distributed:
+        total = _all_reduce_grads(comm, total)
+        (lsum,) = comm.sum_floats(lsum)
     return [t / max(nb, 1) for t in total], lsum / max(nb, 1)
 
 

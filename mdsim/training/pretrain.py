@@ -6,6 +6,13 @@ optional EMA of the weights and gradient clipping.  Each epoch writes ``checkpoi
 (everything needed to resume: optimizer, scheduler, EMA, RNG states, history) and, when the
 validation force MAE improves, ``best_checkpoint.pt`` — both atomically.  Rerunning the same
 command continues where it stopped.
+
+Under ``torchrun --nproc_per_node=N`` the model is wrapped in DistributedDataParallel and
+every global batch of ``optim.batch_size`` frames (the same permutation on every rank) is split
+into N disjoint contiguous slices, one per rank; each rank's loss is scaled so that DDP's
+gradient average equals the gradient of the global batch's loss.  Validation frames are
+sharded and the error sums all-reduced; only rank 0 writes checkpoints and logs
+(docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from mdsim.data.format import DataError, SplitData, load_metadata, load_split, s
 from mdsim.models import batch_from_frames, build_model, energy_and_forces, resolve_hyperparameters
 from mdsim.models.checkpoint import load_model, save_checkpoint
 
-from .io import rng_state, resolve_device, seed_everything, set_rng_state, write_yaml
+from . import distributed
+from .io import rng_state, seed_everything, set_rng_state, write_yaml
 
 
 def dataset_name(name: str, molecule: Optional[str]) -> str:
@@ -73,10 +81,13 @@ def _loss(kind: str, pred: torch.Tensor, target: torch.Tensor, per_atom_vectors:
 class EnergyForceLoss:
     """c_E·ℓ_E((Ê−E)/s_E) + c_F·ℓ_F((F̂−F)/s_F); scales s are 1 unless labels are normalised."""
 
-    def __init__(self, optim, e_scale: float = 1.0, f_scale: float = 1.0):
+    def __init__(self, optim, e_scale: float = 1.0, f_scale: float = 1.0, keep_energy_graph: bool = False):
         self.c_e, self.c_f = float(optim.energy_coefficient), float(optim.force_coefficient)
         self.l_e, self.l_f = optim.loss_energy, optim.loss_force
         self.e_scale, self.f_scale = float(e_scale), float(f_scale)
+        # DDP: with c_E = 0 parameters that only shift the energy (a readout bias) get no
+        # gradient and DDP would wait for it; a zero-weighted energy term keeps them in the graph
+        self.keep_energy_graph = bool(keep_energy_graph)
 
     def __call__(self, model, R, z, E, F, cell=None):
         """Loss (with graph) and the batch's predictions for frames R (B,N,3)."""
@@ -85,6 +96,8 @@ class EnergyForceLoss:
         loss = 0.0
         if self.c_e:
             loss = loss + self.c_e * _loss(self.l_e, (e_pred - E) / self.e_scale, torch.zeros_like(E), False)
+        elif self.keep_energy_graph:
+            loss = loss + 0.0 * e_pred.sum()
         if self.c_f:
             loss = loss + self.c_f * _loss(self.l_f, (f_pred - F.reshape(-1, 3)) / self.f_scale,
                                            torch.zeros_like(f_pred), True)
@@ -98,14 +111,19 @@ def _noop():
 
 
 def evaluate(model, split: SplitData, batch_size: int, device, dtype=torch.float32,
-             max_frames: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
-    """Energy/force MAE and RMSE (eV, eV/Å) of ``model`` on ``split``."""
+             max_frames: Optional[int] = None, progress: bool = False,
+             comm: Optional["distributed.Comm"] = None) -> Dict[str, float]:
+    """Energy/force MAE and RMSE (eV, eV/Å) of ``model`` on ``split``.
+
+    With a distributed ``comm`` each rank evaluates a contiguous shard of the frames and the
+    error sums are all-reduced (every rank returns the same metrics)."""
     n = len(split) if max_frames is None else min(len(split), max_frames)
     se = ae = sf = af = 0.0
     nf = 0
     model.eval()
-    for s in tqdm(range(0, n, batch_size), disable=not progress, desc="evaluate", leave=False):
-        sl = slice(s, min(n, s + batch_size))
+    lo, hi = (0, n) if comm is None else comm.shard(n)
+    for s in tqdm(range(lo, hi, batch_size), disable=not progress, desc="evaluate", leave=False):
+        sl = slice(s, min(hi, s + batch_size))
         inp = batch_from_frames(split.R[sl], split.z, None if split.cell is None else split.cell[sl],
                                 device=device, dtype=dtype)
         e, f = energy_and_forces(model, **inp)
@@ -116,6 +134,8 @@ def evaluate(model, split: SplitData, batch_size: int, device, dtype=torch.float
         af += np.abs(df).sum()
         sf += (df ** 2).sum()
         nf += df.size
+    if comm is not None and comm.distributed:
+        ae, se, af, sf, nf = comm.sum_floats(ae, se, af, sf, nf)
     return {"energy_mae": ae / n, "energy_rmse": math.sqrt(se / n),
             "forces_mae": af / nf, "forces_rmse": math.sqrt(sf / nf)}
 
@@ -160,7 +180,12 @@ def build_from_config(cfg: PretrainConfig, meta: dict, train_split: SplitData):
 
 
 def train(cfg: PretrainConfig, fresh: bool = False, log=print) -> TrainResult:
-    device = resolve_device(cfg.device)
+    comm = distributed.setup(cfg.device)
+    device = comm.device
+    main = comm.is_main
+    W = comm.world_size
+    if not main:
+        log = _quiet
     dtype = torch.float32
     out = run_folder(cfg)
     ckdir = out / "checkpoints"
@@ -180,7 +205,8 @@ def train(cfg: PretrainConfig, fresh: bool = False, log=print) -> TrainResult:
                  if o.scheduler == "ReduceLROnPlateau" else None)
     ema = EMA(model, o.ema_decay) if o.ema_decay else None
     loss_fn = EnergyForceLoss(o, e_scale=meta["e_std"] if cfg.dataset.normalize_labels else 1.0,
-                              f_scale=meta["f_std"] if cfg.dataset.normalize_labels else 1.0)
+                              f_scale=meta["f_std"] if cfg.dataset.normalize_labels else 1.0,
+                              keep_energy_graph=comm.distributed)
     state = {"epoch": 0, "step": 0, "best_forces_mae": math.inf, "history": [], "elapsed": 0.0}
 
     resume = ckdir / "checkpoint.pt"
@@ -199,10 +225,16 @@ def train(cfg: PretrainConfig, fresh: bool = False, log=print) -> TrainResult:
         state = ck["trainer_state"]
         set_rng_state(ck["rng"])
         log(f"resuming from {resume} at epoch {state['epoch']}")
-    write_yaml(ckdir / "config.yml", to_dict(cfg))
+    if main:
+        write_yaml(ckdir / "config.yml", to_dict(cfg))
+    # every rank built the same model from the same seed (or checkpoint); DDP also broadcasts
+    # rank 0's parameters when it wraps the model
+    net = distributed.wrap_ddp(model, comm)
+    if comm.distributed:
+        log(f"distributed pretraining: {W} processes ({device.type}), global batch {o.batch_size} frames")
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out / "logs")) if cfg.logger.name != "none" else None
+    writer = SummaryWriter(str(out / "logs")) if (cfg.logger.name != "none" and main) else None
 
     R = torch.as_tensor(train_s.R, dtype=dtype, device=device)
     E = torch.as_tensor(train_s.E, dtype=torch.float64, device=device)
@@ -212,31 +244,42 @@ def train(cfg: PretrainConfig, fresh: bool = False, log=print) -> TrainResult:
     n = len(train_s)
     stopped = "max_epochs"
     t_start = time.time() - state["elapsed"]
-    bar = tqdm(total=o.max_epochs, initial=state["epoch"], desc="pretraining", disable=not cfg.progress)
+    bar = tqdm(total=o.max_epochs, initial=state["epoch"], desc="pretraining", disable=not (cfg.progress and main))
     while state["epoch"] < o.max_epochs:
         model.train()
-        perm = torch.randperm(n)
+        perm = torch.randperm(n)  # same on every rank (same seed / restored RNG state)
         tot, nb = 0.0, 0
         for s in range(0, n, o.batch_size):
-            idx = perm[s:s + o.batch_size].to(device)
+            idx = perm[s:s + o.batch_size]
+            scale = None
+            if comm.distributed:  # this rank's contiguous slice of the global batch
+                a, b = comm.shard(idx.numel())
+                scale = W * (b - a) / idx.numel()  # DDP averages over ranks: weight by frames
+                idx = idx[a:b] if b > a else idx[:1]  # an empty slice still takes part (weight 0)
+            idx = idx.to(device)
             if o.warmup_steps and state["step"] < o.warmup_steps:
                 frac = o.warmup_factor + (1 - o.warmup_factor) * state["step"] / o.warmup_steps
                 for g in optimizer.param_groups:
                     g["lr"] = o.lr_initial * frac
-            loss, _, _ = loss_fn(model, R[idx], z, E[idx], F[idx], None if cell is None else cell[idx])
+            loss, _, _ = loss_fn(net, R[idx], z, E[idx], F[idx], None if cell is None else cell[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if scale is None:
+                loss.backward()
+            else:
+                (loss * scale).backward()
             if o.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
             optimizer.step()
             if ema is not None:
                 ema.update(model)
-            tot += float(loss.detach())
+            tot += float(loss.detach()) if scale is None else float(loss.detach()) * scale / W
             nb += 1
             state["step"] += 1
+        if comm.distributed:
+            (tot,) = comm.sum_floats(tot)  # sum over ranks of the weighted shard losses
         state["epoch"] += 1
         eval_model = ema.model_copy(model) if ema is not None else model
-        val = evaluate(eval_model, val_s, o.eval_batch_size, device, dtype)
+        val = evaluate(eval_model, val_s, o.eval_batch_size, device, dtype, comm=comm)
         if scheduler is not None and not (o.warmup_steps and state["step"] < o.warmup_steps):
             scheduler.step(val["forces_mae"])
         lr = optimizer.param_groups[0]["lr"]
@@ -250,14 +293,16 @@ def train(cfg: PretrainConfig, fresh: bool = False, log=print) -> TrainResult:
             writer.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{rec['train_loss']:.4g}", val_f_mae=f"{val['forces_mae']:.4g}", lr=f"{lr:.2g}")
-        state["elapsed"] = time.time() - t_start
+        # rank 0's clock decides the wall-time stop for everyone
+        state["elapsed"] = comm.broadcast_float(time.time() - t_start)
         extra = {"config": to_dict(cfg), "val_metrics": val,
                  "epoch": state["epoch"], "step": state["step"]}
         if val["forces_mae"] < state["best_forces_mae"]:
             state["best_forces_mae"] = val["forces_mae"]
             state["best_val"] = val
-            save_checkpoint(ckdir / "best_checkpoint.pt", eval_model, extra)
-        if state["epoch"] % o.checkpoint_every == 0 or state["epoch"] >= o.max_epochs:
+            if main:
+                save_checkpoint(ckdir / "best_checkpoint.pt", eval_model, extra)
+        if main and (state["epoch"] % o.checkpoint_every == 0 or state["epoch"] >= o.max_epochs):
             save_checkpoint(ckdir / "checkpoint.pt", model, {
                 **extra, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -271,11 +316,18 @@ def train(cfg: PretrainConfig, fresh: bool = False, log=print) -> TrainResult:
     bar.close()
     if writer is not None:
         writer.close()
+    comm.check_same(model)
     return TrainResult(out, state["epoch"], state.get("best_val", {}), stopped)
 
 
+def _quiet(*args, **kwargs):
+    pass
+
+
 def evaluate_checkpoint(cfg: PretrainConfig, checkpoint: Path, split: str, max_frames=None) -> Dict[str, float]:
-    device = resolve_device(cfg.device)
-    model, _ = load_model(checkpoint, device=device)
+    """Errors of ``checkpoint`` on ``split`` (frames sharded over ranks under torchrun)."""
+    comm = distributed.setup(cfg.device)
+    model, _ = load_model(checkpoint, device=comm.device)
     data = load_splits(cfg, (split,))[split]
-    return evaluate(model, data, cfg.optim.eval_batch_size, device, max_frames=max_frames, progress=cfg.progress)
+    return evaluate(model, data, cfg.optim.eval_batch_size, comm.device, max_frames=max_frames,
+                    progress=cfg.progress and comm.is_main, comm=comm)

@@ -20,6 +20,12 @@ lr/5^max_times_reduce_lr or the unstable fraction drops to ``min_frac_unstable_t
 Everything needed to continue (parameters, optimizer, scheduler, MD states, RNG state, phase)
 is written atomically to ``resume.pt`` after every epoch: rerunning the same command after a
 crash or ``kill -9`` continues and ends with the same parameters as an uninterrupted run.
+
+Under ``torchrun --nproc_per_node=N`` the replicas are split into N contiguous shards, one per
+rank; every rank draws the random numbers of all replicas from the same generators and keeps
+its shard, the stability flags are all-gathered, the estimator's mean observable and the
+gradients are all-reduced, and every rank takes the same optimizer step, so the run reproduces
+the single-process run up to float summation order (docs/distributed.md).  Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -43,9 +49,10 @@ from mdsim.md.state import MDState
 from mdsim.models.checkpoint import load_model, save_checkpoint
 from mdsim.units import KB
 
-from . import setup
+from . import distributed, setup
 from .io import resolve_device, write_yaml
-from .learning import EFLossSettings, apply_update, energy_force_gradient, observable_gradient
+from .learning import (EFLossSettings, apply_update, energy_force_gradient, observable_gradient,
+                       sharded_observable_gradient)
 from .pretrain import evaluate
 from .rollout import simulate
 from .targets import ObservableSet, References, squared_error, training_observable
@@ -119,8 +126,9 @@ def load_references(cfg: StableConfig, oset: ObservableSet, train, log=print) ->
     return oset.references(ref, cfg.temperature, contiguous, cfg.data_temperature)
 
 
-def prepare(cfg: StableConfig, checkpoint: Optional[Path] = None, log=print) -> RunContext:
-    device = setup_device = resolve_device(cfg.device)
+def prepare(cfg: StableConfig, checkpoint: Optional[Path] = None, log=print,
+            device: Optional[torch.device] = None) -> RunContext:
+    device = setup_device = device if device is not None else resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     folder = setup.run_folder(cfg)
     train = setup.split(cfg, "train")
@@ -140,23 +148,38 @@ def prepare(cfg: StableConfig, checkpoint: Optional[Path] = None, log=print) -> 
                       ff, integ, KB * cfg.temperature)
 
 
-def epoch_observables(ctx: RunContext, rec) -> Dict[str, float]:
-    """Monitoring losses of one epoch (mean over replicas and frames vs references)."""
+def epoch_observables(ctx: RunContext, rec, comm: Optional[distributed.Comm] = None) -> Dict[str, float]:
+    """Monitoring losses of one epoch (mean over replicas and frames vs references).  With a
+    distributed ``comm`` the sums over this rank's replicas are all-reduced first."""
+    comm = comm or distributed.Comm()
     pos = rec.frames.to(torch.float64)
     F, R = pos.shape[:2]
     flat = pos.reshape(F * R, *pos.shape[2:])
     finite = torch.isfinite(flat).all(dim=(1, 2))
-    out = {}
+    M, A = ctx.refs.rdf_smeared.numel(), ctx.refs.adf.numel()
+    sums = torch.zeros(M + A + 1, dtype=torch.float64, device=pos.device)
     if finite.any():
         good = flat[finite]
-        out["Observable Loss"] = squared_error(ctx.oset.rdf_smeared(good).mean(0), ctx.refs.rdf_smeared)
-        out["ADF Loss"] = squared_error(ctx.oset.adf(good).mean(0), ctx.refs.adf)
+        sums[:M] = ctx.oset.rdf_smeared(good).sum(0)
+        sums[M:M + A] = ctx.oset.adf(good).sum(0)
+        sums[-1] = good.shape[0]
+    comm.all_reduce(sums)
+    out = {}
+    if sums[-1] > 0:
+        out["Observable Loss"] = squared_error(sums[:M] / sums[-1], ctx.refs.rdf_smeared)
+        out["ADF Loss"] = squared_error(sums[M:M + A] / sums[-1], ctx.refs.adf)
     if ctx.refs.vacf is not None and rec.velocities is not None and rec.velocities.shape[0] >= ctx.cfg.vacf_window:
         v = rec.velocities[::1].to(torch.float64)
         vac = ctx.oset.vacf(v)
         ok = torch.isfinite(vac).all(dim=-1)
+        W = ctx.refs.vacf.numel()
+        vs = torch.zeros(W + 1, dtype=torch.float64, device=vac.device)
         if ok.any():
-            out["VACF Loss"] = squared_error(vac[ok].mean(0), ctx.refs.vacf)
+            vs[:W] = vac[ok].sum(0)
+            vs[-1] = int(ok.sum())
+        comm.all_reduce(vs)
+        if vs[-1] > 0:
+            out["VACF Loss"] = squared_error(vs[:W] / vs[-1], ctx.refs.vacf)
     return out
 
 
@@ -172,15 +195,90 @@ def _fresh_velocities(ctx: RunContext, n: int, gen) -> torch.Tensor:
                                         dtype=ctx.dtype, device=ctx.device)
 
 
-def _restart(ctx: RunContext, target: MDState, mask: torch.Tensor, source: MDState, gen) -> MDState:
-    """Replicas ``mask`` of ``target`` restart from ``source`` positions with fresh velocities."""
+@dataclass
+class Shard:
+    """This rank's replicas [lo, hi) of ``total`` (all of them in a single process)."""
+    lo: int
+    hi: int
+    total: int
+
+    def local(self, s: MDState) -> MDState:
+        return distributed.local_state(s, self.lo, self.hi)
+
+
+def _restart(ctx: RunContext, target: MDState, mask: torch.Tensor, source: MDState, gen,
+             shard: Optional[Shard] = None) -> MDState:
+    """Replicas ``mask`` (all replicas, global indices) of ``target`` restart from ``source``
+    positions with fresh velocities.  ``target`` and ``source`` hold this rank's shard; the
+    velocities are drawn for all replicas (so the generator advances alike on every rank)."""
+    shard = shard or Shard(0, target.n_replicas, target.n_replicas)
     if not bool(mask.any()):
         return target
     fresh = source.clone()
-    fresh.velocities = _fresh_velocities(ctx, fresh.n_replicas, gen)
+    fresh.velocities = _fresh_velocities(ctx, shard.total, gen)[shard.lo:shard.hi]
     fresh.zeta = torch.zeros_like(fresh.zeta)
     fresh.energy, fresh.forces = ctx.force_field(fresh.positions, fresh.cell)
-    return _where(mask, fresh, target)
+    return _where(mask[shard.lo:shard.hi], fresh, target)
+
+
+def _initial_shard(ctx: RunContext, frames, n: int, gen, shard: Shard, mode: str) -> MDState:
+    """Initial state of this rank's replicas: frames, noise and velocities are drawn for all
+    ``n`` replicas exactly as a single process would, forces only for the shard."""
+    cfg = ctx.cfg
+    if shard.lo == 0 and shard.hi == n:
+        return initial_state(ctx.system, frames, ctx.force_field, n, cfg.temperature, generator=gen,
+                             mode=mode, ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device)
+
+    def no_forces(pos, cell):
+        return torch.zeros(pos.shape[0], dtype=pos.dtype, device=pos.device), torch.zeros_like(pos)
+
+    full = initial_state(ctx.system, frames, no_forces, n, cfg.temperature, generator=gen, mode=mode,
+                         ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device)
+    st = shard.local(full).clone()
+    st.energy, st.forces = ctx.force_field(st.positions, st.cell)
+    return st
+
+
+def md_integrator(ctx: RunContext, comm: distributed.Comm, shard: Shard, log=print):
+    """(integrator, md_backend) for this rank: sharded stochastic integrators draw the noise of
+    all replicas (:class:`distributed.GlobalNoiseIntegrator`)."""
+    backend = ctx.cfg.md_backend
+    integ = ctx.integrator
+    if comm.distributed and integ.stochastic:
+        integ = distributed.GlobalNoiseIntegrator(integ, shard.lo, shard.hi, shard.total)
+        if backend == "cuda_graph":
+            log("md_backend cuda_graph with a stochastic integrator under torchrun: using compile "
+                "(the captured blocks draw their noise outside the sharded generator)")
+            backend = "compile"
+    return integ, backend
+
+
+def _sample_order(frames_ok: torch.Tensor, sel: torch.Tensor, shard: Shard, comm: distributed.Comm,
+                  shuffle_gen) -> tuple:
+    """Estimator samples of this rank, in the order a single process would use them.
+
+    ``frames_ok`` (F, r) finite flags of this rank's selected replicas, ``sel`` (R,) the global
+    replica selection.  A single process flattens (frame, selected replica) row-major, keeps
+    the finite samples and shuffles them with one permutation of all of them; here the same
+    global indices are computed, the same permutation is drawn (the generator advances alike
+    on every rank) and this rank's samples are ordered by it.  Returns (order into this rank's
+    finite samples, number of samples over all ranks)."""
+    sizes = [int(sel[a:b].sum()) for a, b in (distributed.shard_range(shard.total, r, comm.world_size)
+                                               for r in range(comm.world_size))]
+    ok_all = comm.all_gather_cat(frames_ok.T.contiguous(), sizes).T  # (F, r_total)
+    F, r_tot = ok_all.shape
+    offset = int(sel[:shard.lo].sum())
+    post = torch.cumsum(ok_all.reshape(-1).long(), 0) - 1  # index among the finite samples
+    cols = torch.arange(offset, offset + frames_ok.shape[1], device=ok_all.device)
+    ids = (torch.arange(F, device=ok_all.device)[:, None] * r_tot + cols[None, :])[frames_ok]
+    gids = post[ids]
+    n_total = int(ok_all.sum())
+    if shuffle_gen is None:
+        return torch.argsort(gids), n_total
+    perm = torch.randperm(n_total, generator=shuffle_gen)
+    rank_of = torch.empty_like(perm)
+    rank_of[perm] = torch.arange(n_total)
+    return torch.argsort(rank_of[gids.cpu()]).to(frames_ok.device), n_total
 
 
 def save_model(ctx: RunContext, path: Path, epoch: int, extra: Optional[dict] = None) -> None:
@@ -189,28 +287,53 @@ def save_model(ctx: RunContext, path: Path, epoch: int, extra: Optional[dict] = 
                                       "stable_config": to_dict(ctx.cfg), **(extra or {})})
 
 
+def _quiet(*args, **kwargs):
+    pass
+
+
 def train(cfg: StableConfig, log=print) -> Path:
-    """Run (or resume) StABlE training; returns the run folder."""
-    ctx = prepare(cfg, log=log)
+    """Run (or resume) StABlE training; returns the run folder.  Under torchrun the replicas
+    are sharded over the ranks (module docstring)."""
+    comm = distributed.setup(cfg.device)
+    main = comm.is_main
+    if not main:
+        log = _quiet
+    R = cfg.n_replicas
+    if R < comm.world_size:
+        raise setup.SetupError(f"n_replicas {R} is smaller than the {comm.world_size} processes; "
+                               "every rank needs at least one replica")
+    ctx = prepare(cfg, log=log, device=comm.device)
     folder = ctx.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    write_yaml(folder / "stable_training_config.yml", to_dict(cfg))
-    if ctx.ckpt.get("config"):
-        write_yaml(folder / "pretraining_config.yml", ctx.ckpt["config"])
-    for k, v in ctx.refs.as_numpy().items():
-        np.save(folder / f"{k}.npy", v)
+    shard = Shard(*comm.shard(R), R)
+    sizes = comm.shard_sizes(R)
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_yaml(folder / "stable_training_config.yml", to_dict(cfg))
+        if ctx.ckpt.get("config"):
+            write_yaml(folder / "pretraining_config.yml", ctx.ckpt["config"])
+        for k, v in ctx.refs.as_numpy().items():
+            np.save(folder / f"{k}.npy", v)
     log(f"run folder: {folder}; reference RDF reweighting ESS {ctx.refs.ess:.1f} "
         f"(data {ctx.refs.data_temperature:g} K → simulation {cfg.temperature:g} K)")
+    if comm.distributed:
+        log(f"distributed: {comm.world_size} processes ({comm.device.type}), replicas per rank {sizes}")
+
+    def gather(s: MDState) -> MDState:
+        """Global copy of a sharded state (every rank gets it)."""
+        return s.clone() if not comm.distributed else distributed.gather_state(comm, s, sizes)
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     shuffle_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     model = ctx.model
+    integrator, md_backend = md_integrator(ctx, comm, shard, log)
     always_learn = not cfg.only_learn_if_unstable_threshold_reached
     min_lr = cfg.lr / (5 ** cfg.max_times_reduce_lr)
     ef = EFLossSettings.from_checkpoint(ctx.ckpt)
     obs_weight = 1.0 if cfg.original_obs_weighting else cfg.obs_loss_weight
     target = training_observable(cfg.training_observable, ctx.oset, ctx.refs)
 
+    # MD states: ``state`` holds this rank's replicas; ``learn_start`` and ``saved_starts`` are
+    # kept for all replicas (resets pick sources by global index; resume.pt stores them whole)
     resume_path = folder / "resume.pt"
     if resume_path.exists():
         rs = torch.load(resume_path, map_location="cpu", weights_only=False)
@@ -220,7 +343,7 @@ def train(cfg: StableConfig, log=print) -> Path:
                 raise setup.SetupError(f"{resume_path} belongs to a run with other settings ({changed}); "
                                        "use another exp_name or delete the folder")
         model.load_state_dict(rs["model"])
-        state = _state_from(rs["state"], ctx.device)
+        state = shard.local(_state_from(rs["state"], ctx.device))
         learn_start = _state_from(rs["learn_start"], ctx.device) if rs["learn_start"] else None
         saved_starts = [_state_from(s, ctx.device) for s in rs["saved_starts"]]
         flagged = rs["flagged"].to(ctx.device)
@@ -234,26 +357,28 @@ def train(cfg: StableConfig, log=print) -> Path:
         scheduler.load_state_dict(rs["scheduler"])
         log(f"resuming {folder} at epoch {epoch0}")
     else:
-        state = initial_state(ctx.system, ctx.train.R, ctx.force_field, cfg.n_replicas, cfg.temperature,
-                              generator=gen, mode="random", ic_stddev=cfg.ic_stddev, dtype=ctx.dtype,
-                              device=ctx.device)
+        state = _initial_shard(ctx, ctx.train.R, R, gen, shard, "random")
         learn_start, saved_starts = None, []
-        flagged = torch.zeros(cfg.n_replicas, dtype=torch.bool, device=ctx.device)
+        flagged = torch.zeros(R, dtype=torch.bool, device=ctx.device)
         learning, cycle, learn_epoch, epoch0 = always_learn, 0, 0, 0
         lr_now = cfg.lr if always_learn else 0.0
         optimizer, scheduler = _new_optimizer(cfg, model, lr_now)
+    comm.check_same(model)
 
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(folder / "logs"), purge_step=epoch0 + 1)
-    bar = tqdm(total=cfg.n_epochs, initial=epoch0, desc="StABlE", disable=not cfg.progress)
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(folder / "logs"), purge_step=epoch0 + 1)
+    bar = tqdm(total=cfg.n_epochs, initial=epoch0, desc="StABlE", disable=not (cfg.progress and main))
     for epoch in range(epoch0, cfg.n_epochs):
         t0 = time.time()
-        start = learn_start.clone() if (learning and learn_start is not None and not always_learn) else state
-        end, rec = simulate(ctx.integrator, ctx.force_field, start.clone(), cfg.steps, cfg.n_dump,
+        start = (shard.local(learn_start).clone() if (learning and learn_start is not None and not always_learn)
+                 else state)
+        end, rec = simulate(integrator, ctx.force_field, start.clone(), cfg.steps, cfg.n_dump,
                             cfg.eq_steps, ctx.oset.vacf_stride, gen, progress=False,
-                            backend=cfg.md_backend)
+                            backend=md_backend)
         unstable_fr, values = stability_values(rec.frames, ctx.system, energy=rec.energies)
-        unstable = unstable_fr.any(dim=0)
+        unstable = comm.all_gather_cat(unstable_fr.any(dim=0), sizes)  # all replicas
         if not learning:
             flagged = flagged | unstable  # unstable since the last learning phase
             u = float(flagged.float().mean())
@@ -264,31 +389,45 @@ def train(cfg: StableConfig, log=print) -> Path:
                    "Learning Rate": optimizer.param_groups[0]["lr"]}
         crit_name = ("Max Bond Length Deviation" if cfg.stability_criterion == "bond_length_deviation"
                      else "Min Intermolecular Distances")
+        use_max = cfg.stability_criterion == "bond_length_deviation"
         vals = values[torch.isfinite(values)]
-        if vals.numel():
-            scalars[crit_name] = float(vals.max() if cfg.stability_criterion == "bond_length_deviation" else vals.min())
-        scalars.update(epoch_observables(ctx, rec))
+        ext = torch.tensor([(vals.max() if use_max else vals.min()).item() if vals.numel()
+                            else (-math.inf if use_max else math.inf)], dtype=torch.float64, device=ctx.device)
+        ext = float(comm.all_reduce(ext, "max" if use_max else "min"))
+        if math.isfinite(ext):
+            scalars[crit_name] = ext
+        scalars.update(epoch_observables(ctx, rec, comm))
         if epoch == 0 or learning:
-            m = evaluate(model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES)
+            m = evaluate(model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES, comm=comm)
             scalars.update({"Energy MAE": m["energy_mae"], "Force MAE": m["forces_mae"],
                             "Energy RMSE": m["energy_rmse"], "Force RMSE": m["forces_rmse"]})
 
         if learning and cfg.obs_loss_weight != 0:
-            samples = rec.frames
-            if cfg.only_train_on_unstable_replicas and unstable.any():
-                samples = samples[:, unstable]
-            samples = samples.reshape(-1, *samples.shape[2:])
-            ok = torch.isfinite(samples).all(dim=(1, 2))
-            g_obs, obs_loss = observable_gradient(
-                model, target, samples[ok], ctx.system.atomic_numbers,
-                ctx.system.cell if ctx.system.pbc else None, ctx.kT, cfg.minibatch_size,
-                cfg.boltzmann_scale_by_kT, ctx.dtype, shuffle_gen if cfg.shuffle else None)
+            sel = (unstable if (cfg.only_train_on_unstable_replicas and unstable.any())
+                   else torch.ones_like(unstable))
+            samples = rec.frames[:, sel[shard.lo:shard.hi]]
+            ok = torch.isfinite(samples).all(dim=(2, 3))
+            cell = ctx.system.cell if ctx.system.pbc else None
+            if comm.distributed:
+                order, _ = _sample_order(ok, sel, shard, comm, shuffle_gen if cfg.shuffle else None)
+                local = samples[ok][order]
+                g_obs, obs_loss = sharded_observable_gradient(
+                    model, target, local, ctx.system.atomic_numbers, cell, ctx.kT, cfg.minibatch_size,
+                    cfg.boltzmann_scale_by_kT, comm, ctx.dtype)
+            else:
+                flat_s = samples.reshape(-1, *samples.shape[2:])
+                g_obs, obs_loss = observable_gradient(
+                    model, target, flat_s[ok.reshape(-1)], ctx.system.atomic_numbers, cell, ctx.kT,
+                    cfg.minibatch_size, cfg.boltzmann_scale_by_kT, ctx.dtype,
+                    shuffle_gen if cfg.shuffle else None)
             g_ef = None
             if cfg.energy_force_loss_weight:
-                g_ef, ef_loss = energy_force_gradient(model, ctx.train, ef, cfg.minibatch_size, ctx.device, ctx.dtype)
+                g_ef, ef_loss = energy_force_gradient(model, ctx.train, ef, cfg.minibatch_size, ctx.device,
+                                                      ctx.dtype, comm=comm)
                 scalars["Energy-Force Loss"] = ef_loss
             info = apply_update(model, optimizer, g_obs, g_ef, obs_weight, cfg.energy_force_loss_weight,
                                 cfg.grad_clip_norm_threshold if cfg.gradient_clipping else None)
+            comm.check_same(model)  # every rank took the same step
             scalars["Loss"] = cfg.obs_loss_weight * (obs_loss or 0.0)
             scalars["Gradient Norm"] = info["grad_norm"]
             if "cosine" in info:
@@ -296,27 +435,29 @@ def train(cfg: StableConfig, log=print) -> Path:
                 scalars["Gradient Ratios (Observable vs Energy-Force)"] = info["ratio"]
             scheduler.step(u)
             learn_epoch += 1
-            save_model(ctx, folder / f"cycle{cycle + 1}_epoch{learn_epoch}.pt", epoch + 1)
-            shutil.copyfile(folder / f"cycle{cycle + 1}_epoch{learn_epoch}.pt", folder / "ckpt.pt")
+            if main:
+                save_model(ctx, folder / f"cycle{cycle + 1}_epoch{learn_epoch}.pt", epoch + 1)
+                shutil.copyfile(folder / f"cycle{cycle + 1}_epoch{learn_epoch}.pt", folder / "ckpt.pt")
             lr_now = optimizer.param_groups[0]["lr"]
             if not always_learn and (lr_now <= min_lr * (1 + 1e-9) or u <= cfg.min_frac_unstable_threshold):
                 cycle += 1
-                save_model(ctx, folder / f"end_of_cycle{cycle}.pt", epoch + 1)
-                shutil.copyfile(folder / f"end_of_cycle{cycle}.pt", folder / "ckpt.pt")
+                if main:
+                    save_model(ctx, folder / f"end_of_cycle{cycle}.pt", epoch + 1)
+                    shutil.copyfile(folder / f"end_of_cycle{cycle}.pt", folder / "ckpt.pt")
                 log(f"epoch {epoch + 1}: end of learning cycle {cycle} (lr {lr_now:.3g}, unstable {u:.2f})")
                 learning, learn_epoch, learn_start = False, 0, None
                 flagged = torch.zeros_like(flagged)
                 optimizer, scheduler = _new_optimizer(cfg, model, 0.0)
-                state = _restart(ctx, end, unstable, start, gen)
+                state = _restart(ctx, end, unstable, start, gen, shard)
             elif always_learn:
-                state = _restart(ctx, end, unstable, start, gen)
+                state = _restart(ctx, end, unstable, start, gen, shard)
         else:
             if (not learning) and u >= cfg.max_frac_unstable_threshold and cfg.obs_loss_weight != 0:
-                learning, learn_epoch, learn_start = True, 0, start.clone()
+                learning, learn_epoch, learn_start = True, 0, gather(start)
                 optimizer, scheduler = _new_optimizer(cfg, model, cfg.lr)
                 log(f"epoch {epoch + 1}: {u:.0%} of replicas unstable → learning cycle {cycle + 1}")
             else:
-                nxt = _restart(ctx, end, unstable, start, gen)
+                nxt = _restart(ctx, end, unstable, start, gen, shard)
                 stable_idx = torch.nonzero(~unstable).reshape(-1)
                 n_jump = int(math.ceil(cfg.reset_probability * stable_idx.numel()))
                 if n_jump and saved_starts:
@@ -324,27 +465,31 @@ def train(cfg: StableConfig, log=print) -> Path:
                     src = saved_starts[int(torch.randint(len(saved_starts), (1,), generator=gen))]
                     mask = torch.zeros_like(unstable)
                     mask[pick] = True
-                    nxt = _restart(ctx, nxt, mask, src, gen)
-                saved_starts = (saved_starts + [start.clone()])[-MAX_SAVED_STARTS:]
+                    nxt = _restart(ctx, nxt, mask, shard.local(src), gen, shard)
+                saved_starts = (saved_starts + [gather(start)])[-MAX_SAVED_STARTS:]
                 state = nxt
-        for k, v in scalars.items():
-            if v is not None and math.isfinite(v):
-                writer.add_scalar(k, v, epoch + 1)
-        writer.flush()
+        if writer is not None:
+            for k, v in scalars.items():
+                if v is not None and math.isfinite(v):
+                    writer.add_scalar(k, v, epoch + 1)
+            writer.flush()
         bar.update(1)
         bar.set_postfix(unstable=f"{u:.2f}", learning=int(learning), cycle=cycle)
-        torch_save_resume(resume_path, {
-            "config": to_dict(cfg), "model": model.state_dict(), "state": _state_dict(state),
-            "learn_start": _state_dict(learn_start) if learn_start is not None else None,
-            "saved_starts": [_state_dict(s) for s in saved_starts], "gen": gen.get_state(),
-            "flagged": flagged.cpu(),
-            "shuffle_gen": shuffle_gen.get_state(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "phase": {"learning": learning, "cycle": cycle, "learn_epoch": learn_epoch, "epoch": epoch + 1,
-                      "lr": optimizer.param_groups[0]["lr"]}})
+        state_all = gather(state) if comm.distributed else state
+        if main:
+            torch_save_resume(resume_path, {
+                "config": to_dict(cfg), "model": model.state_dict(), "state": _state_dict(state_all),
+                "learn_start": _state_dict(learn_start) if learn_start is not None else None,
+                "saved_starts": [_state_dict(s) for s in saved_starts], "gen": gen.get_state(),
+                "flagged": flagged.cpu(),
+                "shuffle_gen": shuffle_gen.get_state(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "world_size": comm.world_size,
+                "phase": {"learning": learning, "cycle": cycle, "learn_epoch": learn_epoch, "epoch": epoch + 1,
+                          "lr": optimizer.param_groups[0]["lr"]}})
     bar.close()
-    writer.close()
-    if not (folder / "ckpt.pt").exists():
+    if writer is not None:
+        writer.close()
+    if main and not (folder / "ckpt.pt").exists():
         save_model(ctx, folder / "ckpt.pt", cfg.n_epochs)
     log(f"done: {folder}")
     return folder
