@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mdsim.data.format import DataError, _atomic_write
+from mdsim.atomic import atomic_write
+from mdsim.data.format import DataError
 from mdsim.units import FS, KB, KCAL_MOL
 
 STRUCTURE_DIR = Path(__file__).resolve().parent / "structures"
@@ -164,5 +165,5 @@ def save_raw_npz(path, raw: dict) -> Path:
         with open(tmp, "wb") as fh:
             np.savez(fh, **{k: np.asarray(v) for k, v in raw.items()})
 
-    _atomic_write(path, w)
+    atomic_write(path, w)
     return path
