@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from mdsim.config import PretrainConfig, StableConfig, load_config
 from mdsim.md.integrators import langevin_baoab_step, make_integrator
 from mdsim.md.state import MDState
 from mdsim.training import distributed
-from mdsim.training.distributed import Comm, GlobalNoiseIntegrator, shard_range
+from mdsim.training.distributed import Comm, GlobalNoiseIntegrator, ShardedGenerator, shard_range
 from mdsim.units import FS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,9 +193,11 @@ def test_sharded_noise_reproduces_full_batch(inner):
     assert not torch.allclose(st.velocities, integ.step(full0, _harmonic, torch.Generator().manual_seed(11)).velocities[3:5])
 
 
-def test_sharded_noise_through_compiled_stepper():
-    """The compiled MD backend takes its noise from ``integrator.draw_noise``: sharded, it
-    reproduces the rows of the full-batch run as well."""
+@pytest.mark.parametrize("backend", ["compile", "cuda_graph"])
+def test_sharded_noise_through_compiled_stepper(backend):
+    """The compiled MD backends draw the block's noise through ``integrator.draw_noise`` when
+    handed the shared generator as a ShardedGenerator: sharded, they reproduce the rows of the
+    full-batch run (cuda_graph runs as compile without CUDA)."""
     compiled = pytest.importorskip("mdsim.md.compiled")
     integ = make_integrator("Langevin", 0.5, 300.0, {"gamma": 10.0})
     g = torch.Generator().manual_seed(3)
@@ -203,15 +206,17 @@ def test_sharded_noise_through_compiled_stepper():
     e, f = _harmonic(pos)
     s0 = MDState(positions=pos, velocities=torch.zeros_like(pos), forces=f, energy=e,
                  masses=torch.tensor([1.0, 12.0, 16.0, 1.0], dtype=torch.float64))
-    full, _ = compiled.FastStepper(integ, _harmonic, s0, "compile", compile_backend="aot_eager").run(
-        s0, 3, torch.Generator().manual_seed(11))
-    for lo, hi in ((0, 3), (3, 5)):
-        st = distributed.local_state(s0, lo, hi)
-        stepper = compiled.FastStepper(GlobalNoiseIntegrator(integ, lo, hi, R), _harmonic, st, "compile",
-                                       compile_backend="aot_eager")
-        st, _ = stepper.run(st, 3, torch.Generator().manual_seed(11))
-        torch.testing.assert_close(st.positions, full.positions[lo:hi], rtol=0, atol=0)
-        torch.testing.assert_close(st.velocities, full.velocities[lo:hi], rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cuda_graph → compile without CUDA
+        full, _ = compiled.FastStepper(integ, _harmonic, s0, backend, compile_backend="aot_eager").run(
+            s0, 3, torch.Generator().manual_seed(11))
+        for lo, hi in ((0, 3), (3, 5)):
+            st = distributed.local_state(s0, lo, hi)
+            stepper = compiled.FastStepper(GlobalNoiseIntegrator(integ, lo, hi, R), _harmonic, st, backend,
+                                           compile_backend="aot_eager")
+            st, _ = stepper.run(st, 3, ShardedGenerator(torch.Generator().manual_seed(11)))
+            torch.testing.assert_close(st.positions, full.positions[lo:hi], rtol=0, atol=0)
+            torch.testing.assert_close(st.velocities, full.velocities[lo:hi], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------ 2-process runs

@@ -268,10 +268,28 @@ class _GlobalRandn(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class ShardedGenerator:
+    """The run's shared ``torch.Generator`` as handed to the MD rollouts of a shard.
+
+    Rollouts pass their generator on to ``integrator.step``/``integrator.draw_noise``, where
+    :class:`GlobalNoiseIntegrator` unwraps it and draws for all replicas.  The handle is not a
+    ``torch.Generator`` on purpose: no rollout code can draw shard-sized noise from it
+    directly (which would give every rank the same noise for different replicas); such an
+    attempt fails loudly instead."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+
+def _unwrap(generator):
+    return generator.generator if isinstance(generator, ShardedGenerator) else generator
+
+
 class GlobalNoiseIntegrator:
     """Wraps an integrator so a rank simulating replicas [lo, hi) of ``total`` draws the random
     numbers of a single-process run with all replicas and keeps its rows (the generator is
-    seeded alike and advances alike on every rank).
+    seeded alike and advances alike on every rank).  Rollouts should get the generator as a
+    :class:`ShardedGenerator` (see there).
 
     With integrators that take pre-drawn noise (``draw_noise``/``step(noise=...)``) the draw
     for all replicas is made in :meth:`draw_noise`; otherwise ``torch.randn`` calls on the
@@ -290,6 +308,7 @@ class GlobalNoiseIntegrator:
     def draw_noise(self, state, generator=None):
         if not getattr(self.inner, "stochastic", False):
             return None
+        generator = _unwrap(generator)
         if not isinstance(generator, torch.Generator):
             raise RuntimeError("sharded replicas need one torch.Generator shared by all ranks")
         from mdsim.md.integrators import randn_like_replicas
@@ -298,6 +317,7 @@ class GlobalNoiseIntegrator:
         return randn_like_replicas(full, generator)[self.lo:self.hi]
 
     def step(self, state, force_fn, generator=None, noise=None):
+        generator = _unwrap(generator)
         if noise is not None:
             return self.inner.step(state, force_fn, generator, noise=noise)
         if not (getattr(self.inner, "stochastic", False) and isinstance(generator, torch.Generator)):

@@ -58,7 +58,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     state = _initial_shard(ctx, ctx.test.R, R, gen, shard, "first")
     ef = ef_errors(ctx.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES, comm=comm)
-    integrator, md_backend = md_integrator(ctx, comm, shard, log)
+    integrator, md_gen = md_integrator(ctx, comm, shard, gen)
     tracker = StabilityTracker(Rl, cfg.stability_criterion, device=ctx.device)
     oset, refs = ctx.oset, ctx.refs
     H = refs.rdf_hist.numel()
@@ -71,7 +71,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     epochs_run = 0
     for epoch in tqdm(range(cfg.n_epochs), desc=f"eval {cfg.eval_model}", disable=not (cfg.progress and main)):
         state, rec = simulate(integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
-                              oset.vacf_stride, gen, backend=md_backend)
+                              oset.vacf_stride, md_gen, backend=cfg.md_backend)
         epochs_run += 1
         unstable_fr, _ = stability_values(rec.frames, ctx.system, energy=rec.energies)
         was_stable = tracker.stable.clone()

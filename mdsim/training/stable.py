@@ -239,18 +239,14 @@ def _initial_shard(ctx: RunContext, frames, n: int, gen, shard: Shard, mode: str
     return st
 
 
-def md_integrator(ctx: RunContext, comm: distributed.Comm, shard: Shard, log=print):
-    """(integrator, md_backend) for this rank: sharded stochastic integrators draw the noise of
-    all replicas (:class:`distributed.GlobalNoiseIntegrator`)."""
-    backend = ctx.cfg.md_backend
-    integ = ctx.integrator
-    if comm.distributed and integ.stochastic:
-        integ = distributed.GlobalNoiseIntegrator(integ, shard.lo, shard.hi, shard.total)
-        if backend == "cuda_graph":
-            log("md_backend cuda_graph with a stochastic integrator under torchrun: using compile "
-                "(the captured blocks draw their noise outside the sharded generator)")
-            backend = "compile"
-    return integ, backend
+def md_integrator(ctx: RunContext, comm: distributed.Comm, shard: Shard, gen: torch.Generator):
+    """(integrator, generator) for this rank's rollouts: a sharded stochastic integrator draws
+    the noise of all replicas from the shared generator and keeps its rows
+    (:class:`distributed.GlobalNoiseIntegrator`, :class:`distributed.ShardedGenerator`)."""
+    if comm.distributed and ctx.integrator.stochastic:
+        return (distributed.GlobalNoiseIntegrator(ctx.integrator, shard.lo, shard.hi, shard.total),
+                distributed.ShardedGenerator(gen))
+    return ctx.integrator, gen
 
 
 def _sample_order(frames_ok: torch.Tensor, sel: torch.Tensor, shard: Shard, comm: distributed.Comm,
@@ -325,7 +321,7 @@ def train(cfg: StableConfig, log=print) -> Path:
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     shuffle_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     model = ctx.model
-    integrator, md_backend = md_integrator(ctx, comm, shard, log)
+    integrator, md_gen = md_integrator(ctx, comm, shard, gen)
     always_learn = not cfg.only_learn_if_unstable_threshold_reached
     min_lr = cfg.lr / (5 ** cfg.max_times_reduce_lr)
     ef = EFLossSettings.from_checkpoint(ctx.ckpt)
@@ -375,8 +371,8 @@ def train(cfg: StableConfig, log=print) -> Path:
         start = (shard.local(learn_start).clone() if (learning and learn_start is not None and not always_learn)
                  else state)
         end, rec = simulate(integrator, ctx.force_field, start.clone(), cfg.steps, cfg.n_dump,
-                            cfg.eq_steps, ctx.oset.vacf_stride, gen, progress=False,
-                            backend=md_backend)
+                            cfg.eq_steps, ctx.oset.vacf_stride, md_gen, progress=False,
+                            backend=cfg.md_backend)
         unstable_fr, values = stability_values(rec.frames, ctx.system, energy=rec.energies)
         unstable = comm.all_gather_cat(unstable_fr.any(dim=0), sizes)  # all replicas
         if not learning:
