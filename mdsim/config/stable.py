@@ -86,6 +86,11 @@ class StableConfig:
                                       choices=OBSERVABLES)
     n_local_neighborhoods: int = option(64, "Water: neighbourhoods per frame (localized estimator).", min=1)
     n_closest_molecules: int = option(0, "Water: molecules around each neighbourhood centre.", min=0)
+    local_estimator: bool = option(False, "(new) Localized Boltzmann estimator (the original's water "
+                                   "variant): samples are (frame, neighbourhood) pairs with per-neighbourhood "
+                                   "energies (sums of per-atom energies) and the centre molecule's bond "
+                                   "lengths as observable; needs molecule_index in the data and "
+                                   "training_observable: bond_length_dev. Single process only.")
     obs_loss_weight: float = option(1.0, "Observable loss weight; 0 disables all parameter updates. "
                                     "Scales the observable gradient (the original only scaled the "
                                     "logged loss; see `original_obs_weighting`).")
@@ -136,6 +141,9 @@ class StableConfig:
             raise ConfigError("min_frac_unstable_threshold must not exceed max_frac_unstable_threshold")
         if self.eq_steps >= self.steps:
             raise ConfigError(f"eq_steps ({self.eq_steps}) must be smaller than steps ({self.steps})")
+        if self.local_estimator and self.training_observable != "bond_length_dev":
+            raise ConfigError("local_estimator: true needs training_observable: bond_length_dev "
+                              f"(got {self.training_observable!r})")
         import re
         if not re.fullmatch(r"pre|post|\d+k|\d+percent|lmax=\d+|post_cycle\d+(_epoch\d+)?", self.eval_model):
             raise ConfigError(f"eval_model: {self.eval_model!r} is not one of pre, post, <N>k, <N>percent, "

@@ -51,8 +51,8 @@ from mdsim.units import KB
 
 from . import distributed, setup
 from .io import resolve_device, write_yaml
-from .learning import (EFLossSettings, apply_update, energy_force_gradient, observable_gradient,
-                       sharded_observable_gradient)
+from .learning import (EFLossSettings, apply_update, energy_force_gradient, local_observable_gradient,
+                       observable_gradient, sharded_observable_gradient)
 from .pretrain import evaluate
 from .rollout import simulate
 from .targets import ObservableSet, References, squared_error, training_observable
@@ -298,7 +298,11 @@ def train(cfg: StableConfig, log=print) -> Path:
     if R < comm.world_size:
         raise setup.SetupError(f"n_replicas {R} is smaller than the {comm.world_size} processes; "
                                "every rank needs at least one replica")
+    if cfg.local_estimator and comm.distributed:
+        raise setup.SetupError("local_estimator: true runs in a single process only (launch without torchrun)")
     ctx = prepare(cfg, log=log, device=comm.device)
+    if cfg.local_estimator and ctx.system.molecule_index is None:
+        raise setup.SetupError("local_estimator: true needs molecule membership (molecule_index) in the data")
     folder = ctx.folder
     shard = Shard(*comm.shard(R), R)
     sizes = comm.shard_sizes(R)
@@ -404,7 +408,12 @@ def train(cfg: StableConfig, log=print) -> Path:
             samples = rec.frames[:, sel[shard.lo:shard.hi]]
             ok = torch.isfinite(samples).all(dim=(2, 3))
             cell = ctx.system.cell if ctx.system.pbc else None
-            if comm.distributed:
+            if cfg.local_estimator:
+                flat_s = samples.reshape(-1, *samples.shape[2:])
+                g_obs, obs_loss = local_observable_gradient(
+                    model, flat_s[ok.reshape(-1)], ctx.system, cfg.n_local_neighborhoods, cfg.n_closest_molecules,
+                    ctx.kT, cfg.minibatch_size, cfg.boltzmann_scale_by_kT, ctx.dtype, shuffle_gen)
+            elif comm.distributed:
                 order, _ = _sample_order(ok, sel, shard, comm, shuffle_gen if cfg.shuffle else None)
                 local = samples[ok][order]
                 g_obs, obs_loss = sharded_observable_gradient(
