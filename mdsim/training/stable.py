@@ -338,7 +338,10 @@ def train(cfg: StableConfig, log=print) -> Path:
     if resume_path.exists():
         rs = torch.load(resume_path, map_location="cpu", weights_only=False)
         if rs["config"] != to_dict(cfg):
-            changed = sorted(k for k in rs["config"] if rs["config"].get(k) != to_dict(cfg).get(k))
+            # keys missing from an older run's config count as their defaults
+            default = to_dict(StableConfig())
+            old, new = {**default, **rs["config"]}, to_dict(cfg)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if set(changed) - {"n_epochs", "progress"}:
                 raise setup.SetupError(f"{resume_path} belongs to a run with other settings ({changed}); "
                                        "use another exp_name or delete the folder")
