@@ -103,3 +103,20 @@ def test_bad_input(xtb_data_root, tiny_pretrained, tmp_path):
     with pytest.raises(SetupError, match="molecule_index"):
         train(stable_cfg(xtb_data_root, model_dir, tmp_path, ["stability_criterion=imd"]), **QUIET)
     assert not run_folder(stable_cfg(xtb_data_root, model_dir, tmp_path)).exists()
+
+
+def test_original_pretrained_checkpoint_is_accepted(xtb_data_root, tmp_path):
+    """The original's pretrained SchNet checkpoint (config['model'] is a plain string) passes the
+    compatibility check and is refused for another model."""
+    from mdsim.training.setup import check_compatible
+    ck = ROOT.parent / "shared/reference/original_stable_checkpoints/schnet_aspirin_1k_pretrained/best_checkpoint.pt"
+    if not ck.is_file():
+        pytest.skip("../shared absent")
+    from mdsim.data.format import load_split, split_dir
+    from mdsim.models import load_model
+    _, ckpt = load_model(ck)
+    train_split = load_split(split_dir(xtb_data_root, "xtb", "ethanol", "1k", "train"))
+    cfg = stable_cfg(xtb_data_root, tmp_path, tmp_path)
+    check_compatible(cfg, train_split, ckpt, ck)
+    with pytest.raises(SetupError, match="holds a 'schnet' model"):
+        check_compatible(stable_cfg(xtb_data_root, tmp_path, tmp_path, ["model=nequip"]), train_split, ckpt, ck)

@@ -111,7 +111,10 @@ def vacf_stride(frame_spacing_fs: Optional[float], timestep_fs: float) -> int:
 
 def check_compatible(cfg: StableConfig, data: SplitData, ckpt: dict, path: Path) -> None:
     """Fail early when the checkpoint cannot describe this config's system."""
-    name = ckpt.get("model_name") or ckpt.get("config", {}).get("model", {}).get("name")
+    name = ckpt.get("model_name")
+    if not name:  # the original's configs hold model: {name: ...} or model: "schnet"
+        model = (ckpt.get("config") or {}).get("model") if isinstance(ckpt.get("config"), dict) else None
+        name = model.get("name") if isinstance(model, dict) else model
     if name and str(name).lower().replace("++", "_pp") not in (cfg.model, cfg.model.replace("-", "_")):
         raise SetupError(f"{path} holds a '{name}' model but the config says model: {cfg.model}")
     if data.n_atoms < 2:
