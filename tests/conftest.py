@@ -1,11 +1,19 @@
 """Shared fixtures: tiny offline data and a tiny pretrained model, made once per session."""
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use small models: one thread is as fast and avoids OpenMP stalls when other jobs
+    share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

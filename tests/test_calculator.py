@@ -14,14 +14,6 @@ PRETRAINED = Path("/work/shared/reference/original_stable_checkpoints/schnet_asp
 ASPIRIN = Path("/work/shared/data/xtb_aspirin_500K.npz")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _water_atoms(L=5.0, seed=0):
     rng = np.random.default_rng(seed)
     o = np.array([[0.5, 0.5, 0.5], [3.0, 2.8, 0.6], [1.0, 3.0, 3.2], [3.2, 0.7, 3.1]])

@@ -29,14 +29,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _frames(n_frames=2, n_atoms=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.tensor([[0.0, 0, 0], [1.2, 0, 0], [0, 1.3, 0], [0, 0, 1.1], [1.1, 1.1, 1.1]])

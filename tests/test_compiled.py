@@ -20,14 +20,6 @@ BASE = torch.tensor([[0.0, 0.0, 0.0], [1.52, 0.0, 0.0], [2.0, 1.35, 0.0], [-0.4,
                      [2.9, 1.4, 0.3]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(dtype=torch.float64, seed=0):
     from mdsim.models import SchNetModel
     torch.manual_seed(seed)

@@ -1,6 +1,4 @@
 """Config schema, includes, overrides and error messages."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ def test_defaults_follow_the_original():
 
 
 def test_includes_and_overrides(tmp_path):
-    base = write(tmp_path / "train.yml", {"n_replicas": 8, "integrator_config": {"ttime": 10, "gamma": 0.2}})
+    write(tmp_path / "train.yml", {"n_replicas": 8, "integrator_config": {"ttime": 10, "gamma": 0.2}})
     child = write(tmp_path / "simulate.yml", {"includes": "train.yml", "train": False,
                                               "integrator_config": {"gamma": 0.5}})
     c = load_config(StableConfig, child, ["n_replicas=3", ("lr", 0.01)])

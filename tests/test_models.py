@@ -22,15 +22,6 @@ SMALL = {
 NAMES = sorted(SMALL)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP oversubscription when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(name, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     m = build_model(name, **SMALL[name]).to(dtype)

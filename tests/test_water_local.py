@@ -45,7 +45,6 @@ def water_frames(n_frames=240, seed=0):
 def water_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("wdata")
     make_splits(water_frames(), root, "water", None, sizes=["1k"], layouts=("random", "contiguous"))
-    from conftest import pretrain_config  # noqa: F401  (same tiny settings)
     from mdsim.config import PretrainConfig, load_config as lc
     from mdsim.training.pretrain import train
     model_dir = tmp_path_factory.mktemp("wmodels")
