@@ -7,10 +7,9 @@ was expected (unknown keys get the closest valid key suggested).
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 

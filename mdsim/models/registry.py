@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from .base import PotentialModel
 from .dimenet_pp import DimeNetPPModel

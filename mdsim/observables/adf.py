@@ -1,7 +1,6 @@
 """Angular distribution function over bonded triplets (spec §4)."""
 from __future__ import annotations
 
-import math
 from typing import Sequence, Tuple
 
 import torch

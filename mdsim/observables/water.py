@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._geometry import flat_cell, flatten_batch, minimum_image, pair_distances
+from ._geometry import flat_cell, flatten_batch, minimum_image
 
 
 def molecule_atoms(molecule_index: torch.Tensor, atomic_numbers: torch.Tensor,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import yaml
 
-from mdsim.atomic import atomic_torch_save, atomic_write_text  # noqa: F401  (re-exported)
+from mdsim.atomic import atomic_write_text
 
 
 def write_yaml(path, data: dict) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from mdsim.config import PretrainConfig, StableConfig, load_config, to_dict
 from mdsim.config.core import build
@@ -56,7 +55,7 @@ def run_pipeline(cfg: StableConfig, log=print) -> dict:
 
     ensure_data(cfg, log)
     ensure_pretrained(cfg, log)
-    folder = train(cfg, log=log)
+    train(cfg, log=log)
     results = {}
     for em in cfg.pipeline.evaluate:
         data = to_dict(cfg)

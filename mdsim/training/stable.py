@@ -504,5 +504,5 @@ def train(cfg: StableConfig, log=print) -> Path:
 
 
 def torch_save_resume(path: Path, obj: dict) -> None:
-    from .io import atomic_torch_save
+    from mdsim.atomic import atomic_torch_save
     atomic_torch_save(obj, path)
