@@ -16,7 +16,7 @@ def add_config_args(parser: argparse.ArgumentParser, flags: Dict[str, str]) -> N
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.max_epochs=2 (repeatable)")
     for flag, key in flags.items():
-        parser.add_argument(flag, dest="flag_" + key.replace(".", "__"), default=None,
+        parser.add_argument(flag, dest="flag_" + key.replace(".", "__"), default=None, metavar="VALUE",
                             help=f"sets config key `{key}`")
 
 
