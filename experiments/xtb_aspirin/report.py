@@ -33,18 +33,21 @@ if TEST_OUT:
 DEST = OUT / "report" if TEST_OUT else HERE
 FIG = DEST / "figures"
 
-# (label, run-folder glob under out/stable_runs, eval_model)
+# (label, run-folder glob under out/stable_runs, evaluation folder/eval_model)
 MODELS = [
-    ("ours: pretrained", "schnet_aspirin_ours_*", "pre"),
-    ("ours: StABlE", "schnet_aspirin_ours_*", "post"),
-    ("original: pretrained", "schnet_aspirin_original_pretrained_*", "pre"),
-    ("original: StABlE", "schnet_aspirin_original_stable_*", "pre"),
+    ("ours: pretrained", "schnet_aspirin_ours_*", "inference/pre"),
+    ("ours: StABlE", "schnet_aspirin_ours_*", "inference/post"),
+    ("original: pretrained", "schnet_aspirin_original_pretrained_*", "inference/pre"),
+    ("original: StABlE", "schnet_aspirin_original_stable_*", "inference/pre"),
+    # the first evaluation of ours, 16 replicas like the originals (kept by hand: see VALIDATION.md)
+    ("ours: pretrained (16 replicas)", "schnet_aspirin_ours_*", "inference_16replicas/pre"),
+    ("ours: StABlE (16 replicas)", "schnet_aspirin_ours_*", "inference_16replicas/post"),
 ]
-COLORS = ["C3", "C2", "C1", "C0"]
+COLORS = ["C3", "C2", "C1", "C0", "C5", "C9"]
 
 
 def find(pattern: str, em: str):
-    hits = sorted(glob.glob(str(OUT / "stable_runs" / pattern / "inference" / em)))
+    hits = sorted(glob.glob(str(OUT / "stable_runs" / pattern / em)))
     hits = [h for h in hits if (Path(h) / "final_metrics.json").is_file()]
     return Path(hits[0]) if hits else None
 
@@ -54,7 +57,7 @@ def load_runs():
     for (label, pat, em), color in zip(MODELS, COLORS):
         d = find(pat, em)
         if d is None:
-            print(f"missing: {label} ({pat}/inference/{em})")
+            print(f"missing: {label} ({pat}/{em})")
             continue
         r = {"label": label, "dir": d, "color": color,
              "metrics": json.loads((d / "final_metrics.json").read_text()),
@@ -85,6 +88,19 @@ def offset_free_energy_mae(ckpt: str, n: int = 1000) -> float:
         es.append(e.detach().double().numpy())
     d = np.concatenate(es) - test.E[:min(n, len(test))]
     return float(np.abs(d - d.mean()).mean())
+
+
+def parameter_distance(ck_a: str, ck_b: str) -> dict:
+    """‖θ_b − θ_a‖ and ‖θ_a‖ over the floating-point parameters (how far StABlE moved a model)."""
+    from mdsim.models.checkpoint import load_model
+    a, _ = load_model(ck_a)
+    b, _ = load_model(ck_b)
+    pa = dict(a.named_parameters())
+    num = den = 0.0
+    for k, v in b.named_parameters():
+        num += float(((v.detach().double() - pa[k].detach().double()) ** 2).sum())
+        den += float((pa[k].detach().double() ** 2).sum())
+    return {"delta_norm": num ** 0.5, "theta_norm": den ** 0.5}
 
 
 def fmt(m, s=None, p=3):
@@ -145,9 +161,51 @@ def plt_setup():
     return plt
 
 
+def logrank(t1, e1, t2, e2):
+    """Two-sample log-rank test (right-censored times t, event flags e). Returns (chi2, p)."""
+    from scipy.stats import chi2
+    times = np.unique(np.concatenate([t1[e1], t2[e2]]))
+    o_minus_e = var = 0.0
+    for t in times:
+        n1, n2 = (t1 >= t).sum(), (t2 >= t).sum()
+        d1, d2 = ((t1 == t) & e1).sum(), ((t2 == t) & e2).sum()
+        n, d = n1 + n2, d1 + d2
+        if n < 2:
+            continue
+        o_minus_e += d1 - d * n1 / n
+        var += d * (n1 / n) * (n2 / n) * (n - d) / (n - 1)
+    stat = o_minus_e ** 2 / var if var > 0 else 0.0
+    return float(stat), float(chi2.sf(stat, 1))
+
+
+def stability_tests(runs):
+    """Pretrained vs StABlE: log-rank test, and a sign test over replicas paired by their
+    identical initial frame, velocities and noise seed."""
+    from scipy.stats import binomtest
+    by = {r["label"]: r for r in runs}
+    out = {}
+    for a, b in (("ours: pretrained", "ours: StABlE"), ("original: pretrained", "original: StABlE"),
+                 ("ours: pretrained (16 replicas)", "ours: StABlE (16 replicas)")):
+        if a not in by or b not in by:
+            continue
+        ra, rb = by[a], by[b]
+        Ta, Tb = ra["metrics"]["Simulated Time (ps)"], rb["metrics"]["Simulated Time (ps)"]
+        sa, sb = ra["stab"], rb["stab"]
+        ea, eb = sa < Ta - 1e-9, sb < Tb - 1e-9
+        chi, p = logrank(sa, ea, sb, eb)
+        res = {"logrank_chi2": chi, "logrank_p": p, "events": [int(ea.sum()), int(eb.sum())], "n": [len(sa), len(sb)]}
+        if len(sa) == len(sb):
+            wins = int(((sb > sa) & (ea | eb)).sum())
+            losses = int(((sb < sa) & (ea | eb)).sum())
+            res.update({"paired_post_longer": wins, "paired_pre_longer": losses,
+                        "sign_test_p": float(binomtest(wins, wins + losses).pvalue) if wins + losses else None})
+        out[f"{a} vs {b}"] = res
+    return out
+
+
 def fig_stability(runs):
     plt = plt_setup()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
     rng = np.random.default_rng(0)
     for i, r in enumerate(runs):
         s = r["stab"]
@@ -156,7 +214,17 @@ def fig_stability(runs):
         T = r["metrics"]["Simulated Time (ps)"]
         ax.hlines(T, i - 0.3, i + 0.3, colors="gray", linestyles=":")
     ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([r["label"].replace(": ", "\n") for r in runs])
+    ax.set_xticklabels([r["label"].replace(": ", "\n").replace(" (", "\n(") for r in runs], fontsize=7)
+    for r in runs:  # survival curves: fraction of replicas not yet unstable
+        T = r["metrics"]["Simulated Time (ps)"]
+        t = np.linspace(0, T, 501)
+        alive = (r["stab"][None, :] > t[:, None] - 1e-9).mean(1)
+        ax2.step(t, alive, where="post", color=r["color"], lw=1.5,
+                 ls="-" if "16 replicas" not in r["label"] else ":", label=f"{r['label']} (n={r['stab'].size})")
+    ax2.set_xlabel("time (ps)")
+    ax2.set_ylabel("fraction of replicas still stable")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.legend(fontsize=7)
     ax.set_ylabel("stability time per replica (ps)")
     ax.set_title("Langevin 500 K, bond-length deviation < 0.5 Å\n(dotted: simulated length; "
                  "points at it never went unstable)", fontsize=9)
@@ -347,6 +415,13 @@ def main():
             e_off[r["label"]] = offset_free_energy_mae(r["metrics"]["checkpoint"])
         except Exception as exc:  # noqa: BLE001 - a missing checkpoint only loses one column entry
             print(f"offset-free energy MAE of {r['label']}: {exc}")
+    moved = {}
+    by = {r["label"]: r["metrics"]["checkpoint"] for r in runs}
+    for name, a, b in (("ours", "ours: pretrained", "ours: StABlE"),
+                       ("original", "original: pretrained", "original: StABlE")):
+        if a in by and b in by:
+            moved[name] = parameter_distance(by[a], by[b])
+    tests = stability_tests(runs)
     fig_stability(runs)
     fig_observables(runs, cfg)
     ref_check = fig_reference(runs, cfg)
@@ -358,16 +433,19 @@ def main():
     tlines = ["| stage | wall time (s) | finished |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in tim]
     md = (f"{tab}\n\nEvaluation: {cfg['integrator']} at {cfg['temperature']:g} K, timestep {cfg['timestep']} fs, "
           f"friction {cfg['integrator_config']['gamma']} ps⁻¹, bond_dev_tol {cfg['bond_dev_tol']} Å, "
-          f"{cfg['n_replicas']} replicas from the first test frames, stability checked every "
+          "replicas start from the first test frames (same frames, velocities and noise seed for every model), "
+          f"stability checked every "
           f"{cfg['n_dump']} steps, seed {cfg['seed']}. Energy MAE, offset removed: report.py, same "
           "1000 test frames, mean error subtracted.\n\n"
           f"Reference check: {json.dumps(ref_check)}\n\nStABlE training: {json.dumps(train_info)}\n\n"
+          f"Stability tests (log-rank; paired sign test): {json.dumps(tests)}\n\n"
+          f"Parameter displacement pretrained → StABlE: {json.dumps(moved)}\n\n"
           f"Bond trace: {json.dumps(trace)}\n\nWall times (out/timings.tsv):\n\n" + "\n".join(tlines) + "\n")
     (DEST / "results.md").write_text(md)
     res = {"runs": [{"label": r["label"], "folder": os.path.relpath(r["dir"], ROOT), **r["metrics"],
                      "energy_mae_offset_removed_eV": e_off.get(r["label"]),
                      "replica_stability_ps": [round(float(x), 4) for x in r["stab"]]} for r in runs],
-           "reference_check": ref_check, "training": train_info, "bond_trace": trace,
+           "reference_check": ref_check, "training": train_info, "parameter_displacement": moved, "stability_tests": tests, "bond_trace": trace,
            "timings_s": {a: b for a, b, _ in tim}}
     (DEST / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     val = ROOT / "VALIDATION.md"

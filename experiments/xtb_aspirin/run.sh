@@ -82,15 +82,20 @@ if [ ! -f "$OUT/MODELPATH/xtb-aspirin_1k_schnet/.done" ]; then
 fi
 
 # ---- 3. StABlE training (resumes if interrupted; finished runs return at once)
-stage stable_train "$OUT/logs/stable_train.log" python stable_training.py --config-yml "$CFG/train.yml"
+if [ ! -f "$OUT/stable_runs/.ours_trained" ]; then
+    stage stable_train "$OUT/logs/stable_train.log" python stable_training.py --config-yml "$CFG/train.yml"
+    touch "$OUT/stable_runs/.ours_trained"
+fi
 
-# ---- 4. evaluation of ours: pretrained (pre) and StABlE (post)
+# ---- 4. evaluation of ours: pretrained (pre) and StABlE (post), side by side (1 thread each)
+EV=()
 for em in pre post; do
     if ! compgen -G "$OUT/stable_runs/schnet_aspirin_ours_*/inference/$em/final_metrics.json" > /dev/null; then
         stage "eval_ours_$em" "$OUT/logs/eval_ours_$em.log" python stable_training.py \
-            --config-yml "$CFG/simulate.yml" --eval_model "$em"
+            --config-yml "$CFG/simulate.yml" --eval_model "$em" & EV+=($!)
     fi
 done
+for p in "${EV[@]}"; do wait "$p"; done
 
 [ -n "$BG" ] && wait "$BG"
 printf 'total\t%s\t%s\n' "$(( $(date +%s) - T_START ))" "$(date -Is)" >> "$TIMES"
