@@ -178,7 +178,7 @@ def logrank(t1, e1, t2, e2):
     return float(stat), float(chi2.sf(stat, 1))
 
 
-def stability_tests(runs):
+def stability_tests(runs, sweep=None):
     """Pretrained vs StABlE: log-rank test, and a sign test over replicas paired by their
     identical initial frame, velocities and noise seed."""
     from scipy.stats import binomtest
@@ -199,7 +199,72 @@ def stability_tests(runs):
             losses = int(((sb < sa) & (ea | eb)).sum())
             res.update({"paired_post_longer": wins, "paired_pre_longer": losses,
                         "sign_test_p": float(binomtest(wins, wins + losses).pvalue) if wins + losses else None})
+        if sweep and a in sweep and b in sweep:
+            for tol in ("1", "2"):
+                xa, xb = sweep[a][tol]["times"], sweep[b][tol]["times"]
+                chi, p = logrank(xa, xa < Ta - 1e-9, xb, xb < Tb - 1e-9)
+                res[f"logrank_p_tol{tol}"] = p
         out[f"{a} vs {b}"] = res
+    return out
+
+
+def tolerance_sweep(runs, cfg, tols=(0.5, 1.0, 2.0)):
+    """Stability times recomputed from full_traj.npy (every replica is simulated to the end of
+    the run) with looser bond-deviation tolerances: separates replicas that only briefly
+    stretched a bond past 0.5 Å from ones that blew up.  Also the bond (element pair) that
+    first crossed 0.5 Å, and the largest deviation ever seen in the xTB reference trajectory."""
+    import torch
+    from mdsim.data.format import load_split, split_dir
+    from mdsim.md.stability import max_bond_deviation
+    from mdsim.md.system import System, bond_lengths
+    train = load_split(split_dir(str(DATA), "xtb", "aspirin", cfg["size"], "train", False))
+    system = System.from_split(train, dtype=torch.float64)
+    ref = system.ref_bond_lengths.double()
+    dt_frame = cfg["n_dump"] * cfg["timestep"] / 1000.0
+    out = {}
+    for r in runs:
+        p = r["dir"] / "full_traj.npy"
+        if not p.is_file():
+            continue
+        traj = torch.tensor(np.load(p), dtype=torch.float64)  # (R, F, N, 3)
+        bl = bond_lengths(traj, system.bonds)
+        dev = (bl - ref).abs()
+        mx = dev.amax(-1).numpy()
+        T = r["metrics"]["Simulated Time (ps)"]
+        t = np.arange(1, mx.shape[1] + 1) * dt_frame
+        res = {}
+        for tol in tols:
+            over = mx >= tol
+            first = np.where(over.any(1), t[over.argmax(1)], T)
+            res[f"{tol:g}"] = {"mean": float(first.mean()), "std": float(first.std()), "median": float(np.median(first)),
+                               "stable_to_end": int((~over.any(1)).sum()), "times": first}
+        res["unstable_at_end"] = int((mx[:, -1] >= cfg["bond_dev_tol"]).sum())
+        pairs = {}
+        z = train.z
+        for i in range(mx.shape[0]):
+            over = mx[i] >= cfg["bond_dev_tol"]
+            if not over.any():
+                continue
+            f = int(over.argmax())
+            b = int(dev[i, f].argmax())
+            a1, a2 = system.bonds[b].tolist()
+            from ase.data import chemical_symbols
+            key = "-".join(sorted((chemical_symbols[int(z[a1])], chemical_symbols[int(z[a2])])))
+            key += " stretched" if float(bl[i, f, b]) > float(ref[b]) else " compressed"
+            pairs[key] = pairs.get(key, 0) + 1
+        res["first_failing_bond"] = pairs
+        out[r["label"]] = res
+    parts = []  # the whole trajectory: the 10k size's train + val + test splits
+    for which in ("train", "val", "test"):
+        try:
+            parts.append(load_split(split_dir(str(DATA), "xtb", "aspirin", cfg.get("max_size") or cfg["size"],
+                                              which, False)).R)
+        except Exception:  # noqa: BLE001
+            pass
+    allR = np.concatenate(parts) if parts else train.R
+    mref = max_bond_deviation(torch.tensor(allR, dtype=torch.float64), system).numpy()
+    out["xTB reference"] = {"max_dev_quantiles_50_99_100": [float(x) for x in np.quantile(mref, [0.5, 0.99, 1.0])],
+                            "frames": int(len(mref))}
     return out
 
 
@@ -345,29 +410,41 @@ def fig_bond_trace(runs, cfg):
     dt_frame = cfg["n_dump"] * cfg["timestep"] / 1000.0  # ps between stored frames
     fig, ax = plt.subplots(figsize=(7, 3.8))
     info = {}
+    devs = {}
+    for r in (pre, post):
+        if r is not None and (r["dir"] / "full_traj.npy").is_file():
+            traj = np.load(r["dir"] / "full_traj.npy")  # (R, F, N, 3)
+            devs[r["label"]] = max_bond_deviation(torch.tensor(traj, dtype=torch.float64), system).numpy()
+    dpre = devs[pre["label"]]
+    t = np.arange(1, dpre.shape[1] + 1) * dt_frame
+    order = np.argsort(pre["stab"])
+    pick = [int(order[len(order) // 2])]  # the replica of median stability time
+    info["pre_median_replica"] = pick[0]
+    info["pre_median_replica_stability_ps"] = float(pre["stab"][pick[0]])
+    if post is not None and post["label"] in devs and devs[post["label"]].shape == dpre.shape:
+        dpost = devs[post["label"]]
+        a = (dpre.max(1) >= 2.0) & (dpost.max(1) < cfg["bond_dev_tol"])
+        b = (dpost.max(1) >= 2.0) & (dpre.max(1) < cfg["bond_dev_tol"])
+        info["replicas_pre_blew_up_post_never_unstable"] = int(a.sum())
+        info["replicas_post_blew_up_pre_never_unstable"] = int(b.sum())
+        if a.any():
+            pick.append(int(np.nonzero(a)[0][0]))
+            info["example_replica"] = pick[1]
     for r, style in ((pre, "-"), (post, ":")):
-        if r is None or not (r["dir"] / "full_traj.npy").is_file():
+        if r is None or r["label"] not in devs:
             continue
-        traj = np.load(r["dir"] / "full_traj.npy", mmap_mode="r")  # (R, F, N, 3)
-        dev = max_bond_deviation(torch.tensor(np.asarray(traj), dtype=torch.float64), system).numpy()
-        t = np.arange(1, dev.shape[1] + 1) * dt_frame
-        stab = r["stab"]
-        if r is pre:
-            order = np.argsort(stab)
-            pick = [int(order[len(order) // 2])]  # the median-stability replica (unstable if median < end)
-            pick += [int(order[0])]
-            info["pre_replica"] = pick[0]
-            info["pre_replica_stability_ps"] = float(stab[pick[0]])
         for k, i in enumerate(pick):
-            lab = f"{r['label']}, replica {i} (stable {stab[i]:.2f} ps)"
-            ax.plot(t, np.clip(dev[i], 0, 3), style, color=r["color"] if k == 0 else "C4", lw=1.0, label=lab)
+            lab = f"{r['label']}, replica {i} (stable {r['stab'][i]:.2f} ps)"
+            ax.plot(t, np.clip(devs[r["label"]][i], 0, 3), style, color=r["color"] if k == 0 else
+                    ("C4" if r is pre else "C8"), lw=1.0, label=lab)
     ax.axhline(cfg["bond_dev_tol"], color="k", ls="--", lw=0.8, label=f"tolerance {cfg['bond_dev_tol']} Å")
     ax.set_yscale("log")
     ax.set_ylim(1e-2, 3.5)
     ax.set_xlabel("time (ps)")
     ax.set_ylabel("max |bond length − reference| (Å), clipped at 3")
     ax.legend(fontsize=7)
-    ax.set_title("Bond-length deviation of replicas (same initial frames for both models)", fontsize=9)
+    ax.set_title("Max bond-length deviation vs time: the pretrained model's median replica, and the first\n"
+                 "replica where it blew up (> 2 Å) while StABlE's never exceeded 0.5 Å (same start, seed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(FIG / "bond_deviation_trace.png", dpi=130)
     plt.close(fig)
@@ -401,6 +478,21 @@ def fig_training(sc):
             if "Force MAE" in sc else None}
 
 
+def ablation_summary():
+    """The first StABlE attempt (paper weighting, lr 5e-3), stopped and kept in out/ablation_runs."""
+    runs = sorted(glob.glob(str(OUT / "ablation_runs" / "*" / "logs")))
+    if not runs:
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(runs[0], size_guidance={"scalars": 0})
+    ea.Reload()
+    get = lambda t: [round(e.value, 4) for e in ea.Scalars(t)] if t in ea.Tags()["scalars"] else []  # noqa: E731
+    return {"folder": os.path.relpath(Path(runs[0]).parent, ROOT), "unstable_fraction": get("Fraction of Unstable Replicas"),
+            "energy_mae_eV": get("Energy MAE"), "force_mae_eV_A": get("Force MAE"),
+            "grad_ratio_obs_vs_ef": get("Gradient Ratios (Observable vs Energy-Force)"),
+            "grad_norm": get("Gradient Norm")}
+
+
 def main():
     FIG.mkdir(parents=True, exist_ok=True)
     runs = load_runs()
@@ -421,16 +513,37 @@ def main():
                        ("original", "original: pretrained", "original: StABlE")):
         if a in by and b in by:
             moved[name] = parameter_distance(by[a], by[b])
-    tests = stability_tests(runs)
+    sweep = tolerance_sweep(runs, cfg)
+    tests = stability_tests(runs, sweep)
     fig_stability(runs)
     fig_observables(runs, cfg)
     ref_check = fig_reference(runs, cfg)
     trace = fig_bond_trace(runs, cfg)
     sc = training_scalars()
     train_info = fig_training(sc)
+    abl = ablation_summary()
     tab = table(runs, e_off)
+    sw = ["| model | tol 0.5 Å: mean / median (ps), stable to end | tol 1.0 Å | tol 2.0 Å | max dev ≥ 0.5 Å at the end | first bond past 0.5 Å |",
+          "|---|---|---|---|---|---|"]
+    for r in runs:
+        q = sweep.get(r["label"])
+        if not q:
+            continue
+        cells = [f"{q[k]['mean']:.2f} / {q[k]['median']:.2f}, {q[k]['stable_to_end']}/{r['stab'].size}" for k in ("0.5", "1", "2")]
+        sw.append(f"| {r['label']} | " + " | ".join(cells) + f" | {q['unstable_at_end']}/{r['stab'].size} | "
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(q["first_failing_bond"].items())) + " |")
+    tab += ("\n\nStability times recomputed from `full_traj.npy` (frames every 10 fs) with looser tolerances:\n\n"
+            + "\n".join(sw) + f"\n\nLargest bond deviation in the xTB reference trajectory: "
+            f"{json.dumps(sweep.get('xTB reference'))}")
     tim = timings()
     tlines = ["| stage | wall time (s) | finished |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in tim]
+    last = {a: b for a, b, _ in tim}
+    stream_a = sum(last.get(k, 0) for k in ("data", "pretrain", "stable_train")) + max(
+        last.get("eval_ours_pre", 0), last.get("eval_ours_post", 0))
+    stream_b = last.get("eval_original_pretrained", 0) + last.get("eval_original_stable", 0)
+    tlines.append(f"\nCritical path from the latest row of each stage: data + pretrain + StABlE + the longer of "
+                  f"the two (parallel) evaluations of ours = {stream_a} s ({stream_a / 60:.0f} min); the original's "
+                  f"checkpoints, evaluated in parallel with it: {stream_b} s ({stream_b / 60:.0f} min).")
     md = (f"{tab}\n\nEvaluation: {cfg['integrator']} at {cfg['temperature']:g} K, timestep {cfg['timestep']} fs, "
           f"friction {cfg['integrator_config']['gamma']} ps⁻¹, bond_dev_tol {cfg['bond_dev_tol']} Å, "
           "replicas start from the first test frames (same frames, velocities and noise seed for every model), "
@@ -438,6 +551,7 @@ def main():
           f"{cfg['n_dump']} steps, seed {cfg['seed']}. Energy MAE, offset removed: report.py, same "
           "1000 test frames, mean error subtracted.\n\n"
           f"Reference check: {json.dumps(ref_check)}\n\nStABlE training: {json.dumps(train_info)}\n\n"
+          f"First StABlE attempt (stopped; paper weighting, lr 5e-3): {json.dumps(abl)}\n\n"
           f"Stability tests (log-rank; paired sign test): {json.dumps(tests)}\n\n"
           f"Parameter displacement pretrained → StABlE: {json.dumps(moved)}\n\n"
           f"Bond trace: {json.dumps(trace)}\n\nWall times (out/timings.tsv):\n\n" + "\n".join(tlines) + "\n")
@@ -445,7 +559,9 @@ def main():
     res = {"runs": [{"label": r["label"], "folder": os.path.relpath(r["dir"], ROOT), **r["metrics"],
                      "energy_mae_offset_removed_eV": e_off.get(r["label"]),
                      "replica_stability_ps": [round(float(x), 4) for x in r["stab"]]} for r in runs],
-           "reference_check": ref_check, "training": train_info, "parameter_displacement": moved, "stability_tests": tests, "bond_trace": trace,
+           "reference_check": ref_check, "training": train_info, "parameter_displacement": moved, "stability_tests": tests, "first_attempt": abl,
+           "tolerance_sweep": {k: {kk: ({x: y for x, y in vv.items() if x != "times"} if isinstance(vv, dict) else vv)
+                                   for kk, vv in v.items()} for k, v in sweep.items()}, "bond_trace": trace,
            "timings_s": {a: b for a, b, _ in tim}}
     (DEST / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     val = ROOT / "VALIDATION.md"
