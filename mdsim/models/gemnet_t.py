@@ -303,7 +303,8 @@ def neighbor_rank(target: Tensor, dist: Tensor, n_atoms: int) -> Tensor:
     """Rank of each edge by distance among the edges arriving at the same atom (0 = nearest)."""
     order = torch.argsort(dist.detach(), stable=True)
     order = order[torch.argsort(target[order], stable=True)]
-    counts = torch.bincount(target, minlength=n_atoms)
+    counts = torch.zeros(n_atoms, dtype=torch.long, device=target.device).index_add(
+        0, target, torch.ones_like(target))  # bincount's shape is data-dependent under compile
     ptr = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.shape[0], device=order.device) - ptr[target[order]]
@@ -517,7 +518,10 @@ def fit_scale_factors_on_split(hyperparameters: Mapping, data, n_frames: int = 1
     built afterwards gets the same initial weights as without fitting."""
     from .base import batch_from_frames
 
-    hp = {k: v for k, v in hyperparameters.items() if k != "scale_file"}
+    import inspect
+
+    accepted = set(inspect.signature(GemNetTModel.__init__).parameters) - {"self", "scale_file"}
+    hp = {k: v for k, v in hyperparameters.items() if k in accepted}  # inert config keys dropped
     with torch.random.fork_rng(devices=[]):
         model = GemNetTModel(**hp).double()
     idx = slice(0, min(len(data), int(n_frames)))
