@@ -18,6 +18,8 @@ SMALL = {
     "dimenet_pp": dict(hidden_channels=16, num_blocks=2, int_emb_size=8, basis_emb_size=4,
                        out_emb_channels=16, num_spherical=4, num_radial=4, cutoff=CUTOFF,
                        output_initializer="glorot_orthogonal"),
+    "gemnet_t": dict(num_spherical=4, num_radial=4, num_blocks=2, emb_size_atom=16, emb_size_edge=16,
+                     emb_size_trip=8, emb_size_rbf=4, emb_size_cbf=4, emb_size_bil_trip=8, cutoff=CUTOFF),
 }
 NAMES = sorted(SMALL)
 
@@ -86,7 +88,7 @@ def random_rotation(seed):
 
 
 def test_registry_names_and_aliases():
-    assert set(MODEL_REGISTRY) == {"schnet", "nequip", "dimenet_pp"}
+    assert set(MODEL_REGISTRY) == {"schnet", "nequip", "dimenet_pp", "gemnet_t"}
     m = build_model("DimeNetPlusPlus", **SMALL["dimenet_pp"])
     assert m.model_name == "dimenet_pp"
 
@@ -132,7 +134,7 @@ def test_energy_invariances_and_force_equivariance(name):
     e_rot, f_rot = single(model, R @ Q.T + shift, z)
     assert torch.allclose(e_rot, e0, atol=1e-9)
     assert torch.allclose(f_rot, f0 @ Q.T, atol=1e-9)
-    e_ref, _ = single(model, -R, z)  # inversion (all three models are E(3)-invariant)
+    e_ref, _ = single(model, -R, z)  # inversion (all the models are E(3)-invariant)
     assert torch.allclose(e_ref, e0, atol=1e-9)
     # swap the positions of two like atoms (z unchanged)
     assert z[0] == z[1]

@@ -71,7 +71,7 @@ class OptimConfig:
 class ModelConfig:
     """``name`` plus the model's hyperparameters (checked against the model's signature)."""
     __allow_extra__ = True
-    name: str = option("schnet", "Model name (schnet, nequip, dimenet_pp).")
+    name: str = option("schnet", "Model name (schnet, nequip, dimenet_pp, gemnet_t).")
 
     def validate(self, where=""):
         from mdsim.models.registry import INERT_KEYS, ModelConfigError, model_hyperparameter_names

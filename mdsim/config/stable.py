@@ -35,7 +35,7 @@ class StableConfig:
     max_size: Optional[str] = option(None, "(new) Size tag whose splits give the reference observables "
                                      "(original: 10k for md17/water, 100percent for md22). null = `size`.")
     # ---- model
-    model: str = option("schnet", "Model name (schnet, nequip, dimenet_pp).")
+    model: str = option("schnet", "Model name (schnet, nequip, dimenet_pp, gemnet_t).")
     l_max: int = option(1, "NequIP folder tag (lmax=<l>) of the pretrained model.", min=0)
     checkpoint_epoch: int = option(-1, "-1 = the best pretrained checkpoint.")
     model_dir: str = option("qm_pretrained_checkpoints", "Root of the pretrained checkpoints.")

@@ -6,6 +6,7 @@ from typing import Dict, Tuple
 
 from .base import PotentialModel
 from .dimenet_pp import DimeNetPPModel
+from .gemnet_t import GemNetTModel, fit_scale_factors_on_split
 from .nequip import NequIPModel, average_num_neighbors
 from .schnet import SchNetModel
 
@@ -13,12 +14,15 @@ MODEL_REGISTRY: Dict[str, type] = {
     "schnet": SchNetModel,
     "nequip": NequIPModel,
     "dimenet_pp": DimeNetPPModel,
+    "gemnet_t": GemNetTModel,
 }
 
-ALIASES = {"dimenetplusplus": "dimenet_pp", "dimenet++": "dimenet_pp", "dimenet_plus_plus": "dimenet_pp"}
+ALIASES = {"dimenetplusplus": "dimenet_pp", "dimenet++": "dimenet_pp", "dimenet_plus_plus": "dimenet_pp",
+           "gemnet-t": "gemnet_t", "gemnett": "gemnet_t"}
 
 #: keys of the original's ``model:`` config sections that have no effect here (graphs are always
-#: built on the fly, PBC follows the presence of a cell, forces are always −∂E/∂r).
+#: built on the fly, PBC follows the presence of a cell, forces are always −∂E/∂r) — unless the
+#: model's own signature takes the key (GemNet-T: ``scale_file``, ``max_neighbors``, ...).
 INERT_KEYS = frozenset({"name", "otf_graph", "use_pbc", "regress_forces", "direct_forces",
                         "extensive", "scale_file", "max_neighbors"})
 
@@ -46,7 +50,7 @@ def build_model(name: str, **hyperparameters) -> PotentialModel:
     (inert keys of the original's configs, ``INERT_KEYS``, are dropped)."""
     key = canonical_name(name)
     allowed = model_hyperparameter_names(key)
-    hp = {k: v for k, v in hyperparameters.items() if k not in INERT_KEYS}
+    hp = {k: v for k, v in hyperparameters.items() if k not in INERT_KEYS or k in allowed}
     unknown = sorted(set(hp) - set(allowed))
     if unknown:
         raise ModelConfigError(f"model: unknown hyperparameter(s) {unknown} for {key!r}; "
@@ -58,16 +62,24 @@ def split_model_config(model_cfg: Dict) -> Tuple[str, Dict]:
     """``{'name': 'schnet', 'cutoff': 5, ...}`` → ('schnet', {'cutoff': 5, ...})."""
     if not isinstance(model_cfg, dict) or "name" not in model_cfg:
         raise ModelConfigError(f"model: expected a mapping with a 'name' key, got {model_cfg!r}")
-    hp = {k: v for k, v in model_cfg.items() if k not in INERT_KEYS}
-    return canonical_name(model_cfg["name"]), hp
+    name = canonical_name(model_cfg["name"])
+    allowed = set(model_hyperparameter_names(name))
+    hp = {k: v for k, v in model_cfg.items() if k not in INERT_KEYS or k in allowed}
+    return name, hp
 
 
 def resolve_hyperparameters(name: str, hyperparameters: Dict, data=None) -> Dict:
     """Replace data-dependent ``"auto"`` values using a training split
     (:class:`mdsim.data.format.SplitData`): NequIP's ``avg_num_neighbors`` (mean neighbour count
-    within r_max over up to 100 frames) and ``species`` (sorted atomic numbers present)."""
+    within r_max over up to 100 frames) and ``species`` (sorted atomic numbers present);
+    GemNet-T's ``scale_file`` (scale factors fitted on up to 16 frames, see
+    :func:`mdsim.models.gemnet_t.fit_scale_factors_on_split`)."""
     key = canonical_name(name)
     hp = dict(hyperparameters)
+    if key == "gemnet_t" and hp.get("scale_file") == "auto":
+        if data is None:
+            raise ModelConfigError("model: scale_file set to 'auto' needs training data to fit the scale factors")
+        hp["scale_file"] = fit_scale_factors_on_split(hp, data)
     if key != "nequip":
         return hp
     needs = [k for k in ("avg_num_neighbors", "species") if hp.get(k) == "auto"]
