@@ -7,15 +7,18 @@ from typing import Dict, Tuple
 from .base import PotentialModel
 from .dimenet_pp import DimeNetPPModel
 from .nequip import NequIPModel, average_num_neighbors
+from .nequip_pkg import NequIPPackageModel, forces_rms
 from .schnet import SchNetModel
 
 MODEL_REGISTRY: Dict[str, type] = {
     "schnet": SchNetModel,
-    "nequip": NequIPModel,
+    "nequip": NequIPPackageModel,      # the nequip package (extra [nequip])
+    "nequip_e3nn": NequIPModel,        # our NequIP-style e3nn model (no extra dependency)
     "dimenet_pp": DimeNetPPModel,
 }
 
-ALIASES = {"dimenetplusplus": "dimenet_pp", "dimenet++": "dimenet_pp", "dimenet_plus_plus": "dimenet_pp"}
+ALIASES = {"dimenetplusplus": "dimenet_pp", "dimenet++": "dimenet_pp", "dimenet_plus_plus": "dimenet_pp",
+           "nequip-e3nn": "nequip_e3nn"}
 
 #: keys of the original's ``model:`` config sections that have no effect here (graphs are always
 #: built on the fly, PBC follows the presence of a cell, forces are always −∂E/∂r).
@@ -65,12 +68,13 @@ def split_model_config(model_cfg: Dict) -> Tuple[str, Dict]:
 def resolve_hyperparameters(name: str, hyperparameters: Dict, data=None) -> Dict:
     """Replace data-dependent ``"auto"`` values using a training split
     (:class:`mdsim.data.format.SplitData`): NequIP's ``avg_num_neighbors`` (mean neighbour count
-    within r_max over up to 100 frames) and ``species`` (sorted atomic numbers present)."""
+    within r_max over up to 100 frames), ``species`` (sorted atomic numbers present) and, for
+    ``nequip``, ``per_type_energy_scales`` (RMS of the training forces)."""
     key = canonical_name(name)
     hp = dict(hyperparameters)
-    if key != "nequip":
+    if key not in ("nequip", "nequip_e3nn"):
         return hp
-    needs = [k for k in ("avg_num_neighbors", "species") if hp.get(k) == "auto"]
+    needs = [k for k in ("avg_num_neighbors", "species", "per_type_energy_scales") if hp.get(k) == "auto"]
     if needs and data is None:
         raise ModelConfigError(f"model: {needs} set to 'auto' need training data to resolve")
     if hp.get("species") == "auto":
@@ -79,6 +83,8 @@ def resolve_hyperparameters(name: str, hyperparameters: Dict, data=None) -> Dict
         idx = slice(0, min(len(data), 100))
         cell = None if data.cell is None else data.cell[idx]
         hp["avg_num_neighbors"] = average_num_neighbors(data.R[idx], float(hp.get("r_max", 5.0)), cell)
+    if hp.get("per_type_energy_scales") == "auto":
+        hp["per_type_energy_scales"] = forces_rms(data.F)
     return hp
 
 
