@@ -133,7 +133,9 @@ def _load_nequip_file(path: Path):
     if not path.is_file():
         raise ModelInputError(f"nequip_file: file not found: {path}")
     try:
-        model = ModelFromPackage(str(path)) if name.endswith(".nequip.zip") else ModelFromCheckpoint(str(path))
+        with _nequip_global_state():
+            model = (ModelFromPackage(str(path)) if name.endswith(".nequip.zip")
+                     else ModelFromCheckpoint(str(path)))
     except Exception as exc:
         raise ModelInputError(f"nequip_file: cannot load {path} with nequip: {exc}") from exc
     if isinstance(model, torch.nn.ModuleDict):
