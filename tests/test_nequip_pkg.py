@@ -215,18 +215,24 @@ def _nequip_reference(path, frames):
     from nequip.data import from_ase
     from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
     from nequip.model import ModelFromCheckpoint
+    from nequip.utils.dtype import torch_default_dtype
 
-    model = ModelFromCheckpoint(str(path))["sole_model"]
+    from mdsim.models.nequip_pkg import _nequip_global_state
+
+    with _nequip_global_state():
+        model = ModelFromCheckpoint(str(path))["sole_model"]
     tm = ChemicalSpeciesToAtomTypeMapper(["H", "O"], {"H": "H", "O": "O"})
     nl = NeighborListTransform(r_max=3.0)
     out = []
     for a in frames:
-        data = nl(tm(from_ase(a)))
+        with torch_default_dtype(torch.float64):  # nequip's data are float64 (its global default)
+            data = nl(tm(from_ase(a)))
         res = model(K.with_batch_(data))
         out.append((float(res[K.TOTAL_ENERGY_KEY].sum()), res[K.FORCE_KEY].detach()))
     return out
 
 
+@pytest.mark.slow  # nequip-train + nequip-package: ~1.5 min on one busy core
 def test_nequip_checkpoint_and_package_load_as_our_model(nequip_files, tmp_path):
     frames, ckpt, pkg = nequip_files
     ref = _nequip_reference(ckpt, frames[:3])
