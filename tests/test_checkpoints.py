@@ -195,3 +195,16 @@ def test_original_checkpoints_config_sources(tmp_path):
     with pytest.raises(CheckpointError, match=r"m.pt does not fit model 'schnet'.*shape mismatch"):
         load_model(tmp_path / "m.pt")
     assert load_checkpoint_dict(PRETRAINED)["val_metrics"]["forces_mae"]["metric"] > 0
+
+
+def test_old_nequip_checkpoints_load_as_nequip_e3nn(tmp_path):
+    """Checkpoints of our e3nn model written when it was registered as ``nequip`` still load."""
+    from mdsim.models import NequIPModel
+    m = build_model("nequip_e3nn", **SMALL["nequip_e3nn"])
+    save_checkpoint(tmp_path / "old.pt", m)
+    ck = torch.load(tmp_path / "old.pt", weights_only=False)
+    ck["model_name"] = "nequip"
+    torch.save(ck, tmp_path / "old.pt")
+    back, _ = load_model(tmp_path / "old.pt")
+    assert isinstance(back, NequIPModel)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
