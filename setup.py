@@ -27,5 +27,8 @@ setup(
         "dev": ["pytest>=7", "tblite>=0.3"],
         "xtb": ["tblite>=0.3"],
         "scatter": ["torch-scatter"],
+        # model: nequip (the nequip package); tested with nequip 0.19.1, e3nn 0.6.0, torch 2.13.0.
+        # Not combinable with mace-torch 0.3.x (pins e3nn 0.4.4): see docs/models.md
+        "nequip": ["nequip==0.19.*", "e3nn>=0.6,<0.7"],
     },
 )

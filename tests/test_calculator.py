@@ -23,7 +23,7 @@ def _water_atoms(L=5.0, seed=0):
 
 @pytest.mark.parametrize("name,hp", [
     ("schnet", dict(hidden_channels=8, num_filters=8, num_interactions=2, num_gaussians=6, cutoff=3.0)),
-    ("nequip", dict(r_max=3.0, num_layers=1, l_max=1, num_features=4, radial_mlp_neurons=8,
+    ("nequip_e3nn", dict(r_max=3.0, num_layers=1, l_max=1, num_features=4, radial_mlp_neurons=8,
                     avg_num_neighbors=3.0, species=[1, 8])),
 ])
 def test_calculator_equals_energy_and_forces(tmp_path, name, hp):

@@ -21,7 +21,7 @@ needs_shared = pytest.mark.skipif(not (PRETRAINED.is_file() and ASPIRIN.is_file(
 
 SMALL = {
     "schnet": dict(hidden_channels=8, num_filters=8, num_interactions=2, num_gaussians=6, cutoff=4.0),
-    "nequip": dict(r_max=4.0, num_layers=1, l_max=1, num_features=4, radial_mlp_neurons=8,
+    "nequip_e3nn": dict(r_max=4.0, num_layers=1, l_max=1, num_features=4, radial_mlp_neurons=8,
                    avg_num_neighbors=3.0, species=[1, 6, 8]),
     "dimenet_pp": dict(hidden_channels=8, num_blocks=1, int_emb_size=4, basis_emb_size=2,
                        out_emb_channels=8, num_spherical=3, num_radial=3, cutoff=4.0,
@@ -73,8 +73,8 @@ def test_errors_missing_file_other_model_and_mismatched_weights(tmp_path):
         load_model(tmp_path / "nope.pt")
     schnet = build_model("schnet", **SMALL["schnet"])
     save_checkpoint(tmp_path / "s.pt", schnet)
-    with pytest.raises(CheckpointError, match="holds model 'schnet', expected 'nequip'"):
-        load_model(tmp_path / "s.pt", expected_model="nequip")
+    with pytest.raises(CheckpointError, match="holds model 'schnet', expected 'nequip_e3nn'"):
+        load_model(tmp_path / "s.pt", expected_model="nequip_e3nn")
     # weights of one configuration into a model of another
     bigger = build_model("schnet", **dict(SMALL["schnet"], hidden_channels=16))
     with pytest.raises(CheckpointError, match=r"does not fit model 'schnet'.*shape mismatch.*embedding.weight"):
@@ -82,8 +82,8 @@ def test_errors_missing_file_other_model_and_mismatched_weights(tmp_path):
     deeper = build_model("schnet", **dict(SMALL["schnet"], num_interactions=3))
     with pytest.raises(CheckpointError, match=r"missing keys \['interactions.2"):
         load_weights(deeper, tmp_path / "s.pt")
-    nequip = build_model("nequip", **SMALL["nequip"])
-    with pytest.raises(CheckpointError, match="holds model 'schnet', not 'nequip'"):
+    nequip = build_model("nequip_e3nn", **SMALL["nequip_e3nn"])
+    with pytest.raises(CheckpointError, match="holds model 'schnet', not 'nequip_e3nn'"):
         load_weights(nequip, tmp_path / "s.pt")
     # a checkpoint whose hyperparameters disagree with its weights
     ck = torch.load(tmp_path / "s.pt", weights_only=True)
@@ -195,3 +195,16 @@ def test_original_checkpoints_config_sources(tmp_path):
     with pytest.raises(CheckpointError, match=r"m.pt does not fit model 'schnet'.*shape mismatch"):
         load_model(tmp_path / "m.pt")
     assert load_checkpoint_dict(PRETRAINED)["val_metrics"]["forces_mae"]["metric"] > 0
+
+
+def test_old_nequip_checkpoints_load_as_nequip_e3nn(tmp_path):
+    """Checkpoints of our e3nn model written when it was registered as ``nequip`` still load."""
+    from mdsim.models import NequIPModel
+    m = build_model("nequip_e3nn", **SMALL["nequip_e3nn"])
+    save_checkpoint(tmp_path / "old.pt", m)
+    ck = torch.load(tmp_path / "old.pt", weights_only=False)
+    ck["model_name"] = "nequip"
+    torch.save(ck, tmp_path / "old.pt")
+    back, _ = load_model(tmp_path / "old.pt")
+    assert isinstance(back, NequIPModel)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())

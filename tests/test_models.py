@@ -13,7 +13,7 @@ CUTOFF = 3.5
 SMALL = {
     "schnet": dict(hidden_channels=16, num_filters=16, num_interactions=2, num_gaussians=10,
                    cutoff=CUTOFF),
-    "nequip": dict(r_max=CUTOFF, num_layers=2, l_max=2, num_features=6, radial_mlp_neurons=16,
+    "nequip_e3nn": dict(r_max=CUTOFF, num_layers=2, l_max=2, num_features=6, radial_mlp_neurons=16,
                    avg_num_neighbors=4.0),
     "dimenet_pp": dict(hidden_channels=16, num_blocks=2, int_emb_size=8, basis_emb_size=4,
                        out_emb_channels=16, num_spherical=4, num_radial=4, cutoff=CUTOFF,
@@ -88,7 +88,7 @@ def random_rotation(seed):
 
 
 def test_registry_names_and_aliases():
-    assert set(MODEL_REGISTRY) == {"schnet", "nequip", "dimenet_pp", "gemnet_t"}
+    assert set(MODEL_REGISTRY) == {"schnet", "nequip", "nequip_e3nn", "dimenet_pp", "gemnet_t"}
     m = build_model("DimeNetPlusPlus", **SMALL["dimenet_pp"])
     assert m.model_name == "dimenet_pp"
 
@@ -267,7 +267,7 @@ def test_bad_inputs_raise_clear_errors():
         build_model("gemnet")
     with pytest.raises(ModelConfigError, match="hidden_size"):
         build_model("schnet", hidden_size=3)
-    model = build_model("nequip", **dict(SMALL["nequip"], species=[1, 8]))
+    model = build_model("nequip_e3nn", **dict(SMALL["nequip_e3nn"], species=[1, 8]))
     R, z = random_molecule(4, 1)
     with pytest.raises(ModelInputError, match="not in the model's species"):
         model(R.float(), z, torch.zeros(4, dtype=torch.long), 1)
@@ -276,7 +276,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ModelInputError, match="cell"):
         model(R.float(), z, torch.zeros(4, dtype=torch.long), 1, torch.eye(3).expand(2, 3, 3))
     with pytest.raises(ModelConfigError, match="avg_num_neighbors"):
-        resolve_hyperparameters("nequip", {"avg_num_neighbors": "auto"}, None)
+        resolve_hyperparameters("nequip_e3nn", {"avg_num_neighbors": "auto"}, None)
 
 
 def test_resolve_auto_hyperparameters_from_split():
@@ -285,7 +285,7 @@ def test_resolve_auto_hyperparameters_from_split():
     R, z = random_molecule(6, 2, spread=1.0)
     data = SplitData(R=R[None].numpy(), z=z.numpy(), E=np.zeros(1), F=np.zeros((1, 6, 3)),
                      fid=np.zeros(1))
-    hp = resolve_hyperparameters("nequip", {"r_max": 2.0, "avg_num_neighbors": "auto",
+    hp = resolve_hyperparameters("nequip_e3nn", {"r_max": 2.0, "avg_num_neighbors": "auto",
                                             "species": "auto"}, data)
     d = torch.cdist(R, R)
     expect = ((d < 2.0).sum().item() - 6) / 6

@@ -24,6 +24,7 @@ import torch
 from mdsim.atomic import atomic_torch_save
 
 from .base import PotentialModel
+from .nequip_pkg import is_nequip_file, model_from_nequip_file
 from .registry import INERT_KEYS, build_model, canonical_name
 
 FORMAT = "mdsim-checkpoint"
@@ -80,6 +81,15 @@ def load_checkpoint_dict(path, map_location="cpu") -> Dict:
 
 def _is_ours(ckpt: Dict) -> bool:
     return ckpt.get("format") == FORMAT and "model_name" in ckpt
+
+
+def _model_name(ckpt: Dict) -> str:
+    """Registry name of one of our checkpoints; our e3nn NequIP-style model was registered as
+    ``nequip`` before ``nequip`` meant the nequip package (its weights have no ``net.`` prefix)."""
+    name = ckpt["model_name"]
+    if str(name).lower() == "nequip" and not any(k.startswith("net.") for k in ckpt["state_dict"]):
+        return "nequip_e3nn"
+    return name
 
 
 def _read_yaml(path: Path) -> Dict:
@@ -183,7 +193,7 @@ def load_weights(model: PotentialModel, source, strict_name: bool = True) -> Dic
     else:
         label, ckpt = "checkpoint", source
     if _is_ours(ckpt):
-        name, state = ckpt["model_name"], ckpt["state_dict"]
+        name, state = _model_name(ckpt), ckpt["state_dict"]
     else:
         name, _, state = convert_original_checkpoint(ckpt, label)
     if strict_name and canonical_name(name) != model.model_name:
@@ -195,7 +205,8 @@ def load_weights(model: PotentialModel, source, strict_name: bool = True) -> Dic
 
 def load_model(path, device="cpu", expected_model: Optional[str] = None,
                config_path=None) -> Tuple[PotentialModel, Dict]:
-    """Rebuild a model from a checkpoint file (ours, or the original's SchNet checkpoints).
+    """Rebuild a model from a checkpoint file (ours, the original's SchNet checkpoints, or a
+    ``.ckpt``/``.nequip.zip`` of nequip's own tools as ``model: nequip``).
 
     For the original's checkpoints the hyperparameters come from the checkpoint's ``config``
     entry, else from ``config_path`` or a ``config.yml`` beside the file; energy normalisation
@@ -203,10 +214,15 @@ def load_model(path, device="cpu", expected_model: Optional[str] = None,
     ``expected_model``: raise if the checkpoint holds another model.  Returns (model in eval
     mode on ``device``, checkpoint dict)."""
     path = Path(path)
+    if is_nequip_file(path):  # a file of nequip's own tools (.ckpt, .nequip.zip)
+        model, ckpt = model_from_nequip_file(path, device)
+        if expected_model is not None and canonical_name(expected_model) != model.model_name:
+            raise CheckpointError(f"{path} is a nequip file, expected model {expected_model!r}")
+        return model, ckpt
     ckpt = load_checkpoint_dict(path)
     label = f"checkpoint {path}"
     if _is_ours(ckpt):
-        name, hp, state = ckpt["model_name"], dict(ckpt.get("hyperparameters") or {}), ckpt["state_dict"]
+        name, hp, state = _model_name(ckpt), dict(ckpt.get("hyperparameters") or {}), ckpt["state_dict"]
     elif isinstance(ckpt.get("state_dict"), dict):
         config = ckpt.get("config")
         if not isinstance(config, dict):

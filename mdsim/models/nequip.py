@@ -15,7 +15,9 @@ Architecture (after Batzner et al. 2022, written from the paper's description):
 
 Hidden features carry ``num_features`` channels of every irrep l ≤ ``l_max`` (both parities if
 ``parity`` is True, otherwise only (−1)^l), restricted in each layer to what the tensor product
-can reach.  NequIP's own checkpoints are not loadable.
+can reach.  NequIP's own checkpoints are not loadable here; ``model: nequip`` (mdsim.models.nequip_pkg)
+uses the nequip package itself.  Registered as ``nequip_e3nn`` (checkpoints written under the
+old name ``nequip`` are still loaded, see mdsim.models.checkpoint).
 """
 from __future__ import annotations
 
@@ -133,7 +135,7 @@ class InteractionLayer(nn.Module):
 
 
 class NequIPModel(PotentialModel):
-    model_name = "nequip"
+    model_name = "nequip_e3nn"
 
     def __init__(self, r_max: float = 5.0, num_layers: int = 3, l_max: int = 1, parity: bool = True,
                  num_features: int = 32, num_basis: int = 8, trainable_bessel: bool = True,
@@ -144,13 +146,13 @@ class NequIPModel(PotentialModel):
         from e3nn import o3
 
         if avg_num_neighbors in ("auto",):
-            raise ModelInputError("nequip: avg_num_neighbors='auto' must be resolved from data first "
+            raise ModelInputError("nequip_e3nn: avg_num_neighbors='auto' must be resolved from data first "
                                   "(mdsim.models.resolve_hyperparameters)")
         species = [int(z) for z in species]
         if not species or len(set(species)) != len(species) or min(species) < 1 or max(species) >= N_ELEMENTS:
-            raise ModelInputError(f"nequip: species must be distinct atomic numbers 1..118, got {species}")
+            raise ModelInputError(f"nequip_e3nn: species must be distinct atomic numbers 1..118, got {species}")
         if int(l_max) < 0 or int(num_layers) < 1:
-            raise ModelInputError(f"nequip: need l_max >= 0 and num_layers >= 1, got {l_max}, {num_layers}")
+            raise ModelInputError(f"nequip_e3nn: need l_max >= 0 and num_layers >= 1, got {l_max}, {num_layers}")
         self.hyperparameters = dict(r_max=float(r_max), num_layers=int(num_layers), l_max=int(l_max),
                                     parity=bool(parity), num_features=int(num_features),
                                     num_basis=int(num_basis), trainable_bessel=bool(trainable_bessel),
@@ -191,7 +193,7 @@ class NequIPModel(PotentialModel):
         types = self.z_to_type[atomic_numbers]
         if positions.device.type == "cpu" and bool((types < 0).any()):
             bad = sorted(set(atomic_numbers[types < 0].tolist()))
-            raise ModelInputError(f"nequip: atomic numbers {bad} not in the model's species "
+            raise ModelInputError(f"nequip_e3nn: atomic numbers {bad} not in the model's species "
                                   f"{self.hyperparameters['species']}")
         attrs = (types.unsqueeze(-1) == torch.arange(self.n_types, device=types.device)).to(positions.dtype)
         edge_index, vec = self.edges(positions, batch, n_structures, cell, equal_size)

@@ -8,17 +8,19 @@ from .base import PotentialModel
 from .dimenet_pp import DimeNetPPModel
 from .gemnet_t import GemNetTModel, fit_scale_factors_on_split
 from .nequip import NequIPModel, average_num_neighbors
+from .nequip_pkg import NequIPPackageModel, forces_rms
 from .schnet import SchNetModel
 
 MODEL_REGISTRY: Dict[str, type] = {
     "schnet": SchNetModel,
-    "nequip": NequIPModel,
+    "nequip": NequIPPackageModel,      # the nequip package (extra [nequip])
+    "nequip_e3nn": NequIPModel,        # our NequIP-style e3nn model (no extra dependency)
     "dimenet_pp": DimeNetPPModel,
     "gemnet_t": GemNetTModel,
 }
 
 ALIASES = {"dimenetplusplus": "dimenet_pp", "dimenet++": "dimenet_pp", "dimenet_plus_plus": "dimenet_pp",
-           "gemnet-t": "gemnet_t", "gemnett": "gemnet_t"}
+           "gemnet-t": "gemnet_t", "gemnett": "gemnet_t", "nequip-e3nn": "nequip_e3nn"}
 
 #: keys of the original's ``model:`` config sections that have no effect here (graphs are always
 #: built on the fly, PBC follows the presence of a cell, forces are always −∂E/∂r) — unless the
@@ -71,8 +73,8 @@ def split_model_config(model_cfg: Dict) -> Tuple[str, Dict]:
 def resolve_hyperparameters(name: str, hyperparameters: Dict, data=None) -> Dict:
     """Replace data-dependent ``"auto"`` values using a training split
     (:class:`mdsim.data.format.SplitData`): NequIP's ``avg_num_neighbors`` (mean neighbour count
-    within r_max over up to 100 frames) and ``species`` (sorted atomic numbers present);
-    GemNet-T's ``scale_file`` (scale factors fitted on up to 16 frames, see
+    within r_max over up to 100 frames), ``species`` (sorted atomic numbers present) and, for
+    ``nequip``, ``per_type_energy_scales`` (RMS of the training forces); GemNet-T's ``scale_file`` (scale factors fitted on up to 16 frames, see
     :func:`mdsim.models.gemnet_t.fit_scale_factors_on_split`)."""
     key = canonical_name(name)
     hp = dict(hyperparameters)
@@ -80,9 +82,9 @@ def resolve_hyperparameters(name: str, hyperparameters: Dict, data=None) -> Dict
         if data is None:
             raise ModelConfigError("model: scale_file set to 'auto' needs training data to fit the scale factors")
         hp["scale_file"] = fit_scale_factors_on_split(hp, data)
-    if key != "nequip":
+    if key not in ("nequip", "nequip_e3nn"):
         return hp
-    needs = [k for k in ("avg_num_neighbors", "species") if hp.get(k) == "auto"]
+    needs = [k for k in ("avg_num_neighbors", "species", "per_type_energy_scales") if hp.get(k) == "auto"]
     if needs and data is None:
         raise ModelConfigError(f"model: {needs} set to 'auto' need training data to resolve")
     if hp.get("species") == "auto":
@@ -91,6 +93,8 @@ def resolve_hyperparameters(name: str, hyperparameters: Dict, data=None) -> Dict
         idx = slice(0, min(len(data), 100))
         cell = None if data.cell is None else data.cell[idx]
         hp["avg_num_neighbors"] = average_num_neighbors(data.R[idx], float(hp.get("r_max", 5.0)), cell)
+    if hp.get("per_type_energy_scales") == "auto":
+        hp["per_type_energy_scales"] = forces_rms(data.F)
     return hp
 
 
