@@ -33,18 +33,25 @@ from mdsim.md.system import System
 
 
 # ----------------------------------------------------------------------------- value functions
+# ``cell`` (3,3) or (..., 3, 3); None means the system's cell for a periodic system.
+
+def _cell(system: System, cell: Optional[Tensor]) -> Optional[Tensor]:
+    return system.cell if (cell is None and system.pbc) else cell
+
 
 def max_bond_deviation(positions: Tensor, system: System, cell: Optional[Tensor] = None) -> Tensor:
     """max_b |d_b − d̄_b| (Å) for positions (..., N, 3); 0 if the system has no bonds."""
-    return geo.bond_length_deviation(positions, system.bonds.to(positions.device), system.ref_bond_lengths, cell)
+    return geo.bond_length_deviation(positions, system.bonds.to(positions.device), system.ref_bond_lengths,
+                                     _cell(system, cell))
 
 
 def min_intermolecular_distance(positions: Tensor, system: System, cell: Optional[Tensor] = None) -> Tensor:
     """Minimum minimum-image distance (Å) between atoms of different molecules, for positions
-    (..., N, 3); +inf if there is a single molecule.  ``cell`` (3,3) or (..., 3, 3)."""
+    (..., N, 3); +inf if there is a single molecule."""
     if system.molecule_index is None:
         raise ValueError("stability criterion 'imd' needs System.molecule_index")
-    return geo.min_intermolecular_distance(positions, system.molecule_index.to(positions.device), cell)
+    return geo.min_intermolecular_distance(positions, system.molecule_index.to(positions.device),
+                                           _cell(system, cell))
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ def rdf_error(positions: Tensor, system: System, cell: Optional[Tensor] = None) 
     ref = system.rdf_reference
     if ref is None:
         raise ValueError("stability_criterion 'rdf' needs a reference RDF (System.rdf_reference)")
-    g = ref.rows(positions, system.atomic_numbers.to(positions.device), cell)  # (..., P, K)
+    g = ref.rows(positions, system.atomic_numbers.to(positions.device), _cell(system, cell))  # (..., P, K)
     bad = ~torch.isfinite(positions).all(dim=-1).all(dim=-1)
     if positions.dim() == 4:  # the frames of a check window
         g, bad = g.mean(0), bad.any(0)
@@ -169,8 +176,7 @@ def stability_values(positions: Tensor, system: System, cell: Optional[Tensor] =
     quantity (the criterion's value, or ``value_fn(positions, cell)`` instead), NaN-propagating;
     a window value (one per replica for frames (F, R, N, 3)) is repeated over the frames."""
     crit = get_criterion(system.stability_criterion)
-    if cell is None and system.pbc and system.cell is not None:
-        cell = system.cell
+    cell = _cell(system, cell)
     value = value_fn(positions, cell) if value_fn is not None else crit.value(positions, system, cell)
     if value.shape != positions.shape[:-2]:
         value = value.expand(positions.shape[:-2]).clone()
