@@ -131,7 +131,7 @@ def test_water_evaluation_with_rdf_criterion(water_setup, tmp_path):
         out = run_evaluation(cfg, log=lambda *a: None)
         return cfg, out, np.load(out / "replicas_stable_time.npy")
 
-    cfg, out, stab = evaluate(3.3, "rdf")  # (the tiny model's 3 replicas fail in epochs 1, 2, 3)
+    cfg, out, stab = evaluate(3.3, "rdf")  # (today the tiny model's replicas fail in epochs 1, 2 and 3)
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert metrics["epochs"] >= 1 and 0.0 <= metrics["Fraction Stable"] <= 1.0
     system = setup.build_system(cfg, setup.split(cfg, "train"), dtype=torch.float64)
