@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mdsim.md.runner import Recorder, RunResult, Simulator  # noqa: F401  (public re-export)
+from mdsim.md.stability import CRITERIA as STABILITY_CRITERIA
 
 __all__ = ["Simulator", "Recorder", "RunResult", "load_init_frames", "main"]
 
@@ -122,7 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
     p.add_argument("--frames", default="first", choices=["first", "random"],
                    help="starting frames: the first R (default) or R random distinct frames")
-    p.add_argument("--stability-criterion", default=None, choices=["bond_length_deviation", "imd"])
+    p.add_argument("--stability-criterion", default=None,  # the registry's criteria that need no reference data
+                   choices=[n for n, c in STABILITY_CRITERIA.items() if not c.needs_reference])
     p.add_argument("--bond-dev-tol", type=float, default=None, help="Å (bond_length_deviation, default 0.5)")
     p.add_argument("--imd-tol", type=float, default=None, help="Å (imd, default 1.2)")
     p.add_argument("--dump-replicas", default="all", help="'all' or comma-separated replica ids to write as extxyz")
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     frames = load_init_frames(args.init)
-    tol = args.bond_dev_tol if args.stability_criterion == "bond_length_deviation" else args.imd_tol
+    tol = getattr(args, STABILITY_CRITERIA[args.stability_criterion].tolerance_key)
     system = build_system(frames, args.stability_criterion, tol, dtype=dtype)
     if args.replicas > frames["R"].shape[0]:
         raise SystemExit(f"--replicas: {args.replicas} replicas need at least as many frames, "

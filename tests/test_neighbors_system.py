@@ -6,9 +6,8 @@ from ase import Atoms
 from ase.neighborlist import NeighborList, natural_cutoffs, neighbor_list
 
 from mdsim.data.format import SplitData
-from mdsim.md.neighbors import (all_pairs_edges, batch_all_pairs_edges, edge_vectors,
-                                periodic_edges)
-from mdsim.md.system import System, bond_lengths, detect_bonds
+from mdsim.geometry import all_pairs_edges, batch_all_pairs_edges, bond_lengths, edge_vectors, periodic_edges
+from mdsim.md.system import System, detect_bonds
 
 
 def _pairs_set(ei, vec=None):

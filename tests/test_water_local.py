@@ -106,3 +106,49 @@ def test_water_box_stable_training_local(water_setup, tmp_path):
     assert (folder / "cycle1_epoch1.pt").exists()
     assert any(not torch.equal(pre[k], post[k]) for k in pre)
     assert np.isfinite(np.load(folder / "gt_rdf.npy")).all()
+
+
+def test_water_evaluation_with_rdf_criterion(water_setup, tmp_path):
+    """``stability_criterion: rdf`` (the original's water evaluation) end to end: the reference
+    reaches the criterion through the System, and the stability times agree with the RDF MAE of
+    each epoch's window of frames recomputed from full_traj.npy; tolerance 0 flags every replica
+    at its first frame."""
+    import json
+
+    from mdsim.md.stability import rdf_error
+    from mdsim.training import setup
+    from mdsim.training.evaluate import run_evaluation
+
+    root, model_dir = water_setup
+    steps, n_dump, dt = 20, 5, 1.0
+
+    def evaluate(tol, exp):
+        cfg = load_config(StableConfig, ROOT / "configs/stable_training/water/simulate.yml", [
+            ("src", str(root)), ("model_dir", str(model_dir)), ("log_dir", str(tmp_path)), "model=schnet",
+            "eval_model=pre", f"exp_name={exp}", "n_replicas=3", f"steps={steps}", f"n_dump={n_dump}",
+            "n_epochs=3", "vacf_window=5", "max_rdf_dist=3.0", "dr=0.1", f"imd_tol={tol}", "progress=false",
+            "dtype=float64", f"timestep={dt}"])
+        out = run_evaluation(cfg, log=lambda *a: None)
+        return cfg, out, np.load(out / "replicas_stable_time.npy")
+
+    cfg, out, stab = evaluate(3.3, "rdf")  # (today the tiny model's replicas fail in epochs 1, 2 and 3)
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    assert metrics["epochs"] >= 1 and 0.0 <= metrics["Fraction Stable"] <= 1.0
+    system = setup.build_system(cfg, setup.split(cfg, "train"), dtype=torch.float64)
+    assert system.rdf_reference is not None and system.rdf_reference.pairs == ((1, 1), (1, 8), (8, 8))
+    traj = torch.tensor(np.load(out / "full_traj.npy"))  # (R, frames, N, 3)
+    F = steps // n_dump
+    expect = []
+    for r in range(traj.shape[0]):
+        t = metrics["epochs"] * steps * dt / 1000.0
+        for e in range(traj.shape[1] // F):
+            v = rdf_error(traj[r, e * F:(e + 1) * F, None], system)  # one replica's window
+            if not bool(v < 3.3):
+                t = (e * steps + n_dump) * dt / 1000.0  # its first frame
+                break
+        expect.append(t)
+    np.testing.assert_allclose(stab, expect, rtol=1e-12)
+
+    _, out0, stab0 = evaluate(0.0, "rdf0")
+    np.testing.assert_allclose(stab0, n_dump * dt / 1000.0)
+    assert json.loads((out0 / "final_metrics.json").read_text())["epochs"] == 1

@@ -215,8 +215,9 @@ def tolerance_sweep(runs, cfg, tols=(0.5, 1.0, 2.0)):
     first crossed 0.5 Å, and the largest deviation ever seen in the xTB reference trajectory."""
     import torch
     from mdsim.data.format import load_split, split_dir
+    from mdsim.geometry import bond_lengths
     from mdsim.md.stability import max_bond_deviation
-    from mdsim.md.system import System, bond_lengths
+    from mdsim.md.system import System
     train = load_split(split_dir(str(DATA), "xtb", "aspirin", cfg["size"], "train", False))
     system = System.from_split(train, dtype=torch.float64)
     ref = system.ref_bond_lengths.double()

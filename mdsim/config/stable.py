@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from mdsim.md.stability import CRITERIA as STABILITY_CRITERIA
+
 from .core import ConfigError, option
 
 INTEGRATORS = ("NoseHoover", "Langevin", "LangevinOriginal", "VelocityVerlet")
-CRITERIA = ("bond_length_deviation", "imd", "rdf")
+CRITERIA = tuple(STABILITY_CRITERIA)  # the registry in mdsim.md.stability
 OBSERVABLES = ("rdf", "imd", "bond_length_dev", "adf", "vacf")
 
 

@@ -11,17 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-
-def _minimum_image(vec: Tensor, cell: Optional[Tensor]) -> Tensor:
-    """Minimum-image vectors (R, ..., 3) for per-replica cells (R,3,3) (rows = cell vectors)."""
-    if cell is None:
-        return vec
-    shape = vec.shape
-    v = vec.reshape(shape[0], -1, 3)
-    inv = torch.linalg.inv(cell)
-    frac = v @ inv
-    frac = frac - torch.round(frac)
-    return (frac @ cell).reshape(shape)
+from mdsim.geometry import minimum_image
 
 
 class HarmonicOscillators:
@@ -65,8 +55,7 @@ class HarmonicBonds:
 
     def __call__(self, positions: Tensor, cell: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         b = self.bonds.to(positions.device)
-        vec = positions[:, b[:, 1]] - positions[:, b[:, 0]]  # (R,B,3)
-        vec = _minimum_image(vec, cell)
+        vec = minimum_image(positions[:, b[:, 1]] - positions[:, b[:, 0]], cell)  # (R,B,3)
         d = vec.norm(dim=-1)
         dr = d - self.r0.to(positions)
         e = 0.5 * self.k * (dr * dr).sum(dim=1)
@@ -90,7 +79,8 @@ class LennardJones:
     def __call__(self, positions: Tensor, cell: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         R, N, _ = positions.shape
         vec = positions[:, None, :, :] - positions[:, :, None, :]  # (R,N,N,3): r_j - r_i
-        vec = _minimum_image(vec, cell)
+        if cell is not None:  # per-replica cells (R,3,3)
+            vec = minimum_image(vec.reshape(R, -1, 3), cell).reshape(vec.shape)
         eye = torch.eye(N, dtype=torch.bool, device=positions.device)
         r2 = (vec * vec).sum(-1).masked_fill(eye, 1.0)
         inside = (r2 <= self.rc ** 2) & ~eye

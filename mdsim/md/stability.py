@@ -1,86 +1,168 @@
-"""Stability criteria and per-replica stability bookkeeping.
+"""Stability criteria (a registry) and per-replica stability bookkeeping.
 
 The criterion is data on the :class:`~mdsim.md.system.System` (``stability_criterion``,
-``stability_tolerance``, bonds, reference bond lengths, molecule membership, cell); code never
-looks at a system's name.
+``stability_tolerance``, bonds, reference bond lengths, molecule membership, cell, reference
+RDF); code never looks at a system's name.  :data:`CRITERIA` maps each name (the config's
+``stability_criterion`` choices) to a :class:`Criterion`: its value function
+``(positions, system, cell) -> values``, direction, tolerance key and log label.
 
 * ``bond_length_deviation``: value = max over bonds of |d_b − d̄_b| (Å); unstable if
-  value ≥ tolerance.
+  value ≥ tolerance (``bond_dev_tol``).
 * ``imd``: value = min over pairs of atoms in different molecules of the minimum-image distance
-  (Å); unstable if value < tolerance.
-* ``rdf``: needs a caller-supplied ``value_fn(positions, cell) -> value`` (e.g. the RDF MAE
-  against a reference, from ``mdsim.observables``); unstable if value > tolerance.
+  (Å); unstable if value < tolerance (``imd_tol``).
+* ``rdf``: value = RDF MAE r_max·mean_k|g − g*| against ``System.rdf_reference`` (max over the
+  element pairs of a periodic system: OO, HH, HO for water); unstable if value ≥ tolerance
+  (``imd_tol``, 3.0 in the original's water evaluation).  A *window* criterion: given frames
+  (F, R, N, 3) its value is that of each replica's RDF averaged over the F frames, and holds for
+  all of them; given single structures (R, N, 3) (or (N, 3)) it is the RDF of each structure.
 
 Non-finite positions (or energies, when given) are always unstable.  All functions are
-vectorised over any leading dimensions (replicas, frames) and stay on the input's device.
+vectorised over leading dimensions (replicas, frames) and stay on the input's device.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from mdsim.md.system import System, bond_lengths
+from mdsim import geometry as geo
+from mdsim import observables as obs
+from mdsim.md.system import System
 
-#: criteria for which a larger value is worse (others: smaller is worse).
-HIGHER_IS_WORSE = {"bond_length_deviation": True, "imd": False, "rdf": True}
+
+# ----------------------------------------------------------------------------- value functions
+# ``cell`` (3,3) or (..., 3, 3); None means the system's cell for a periodic system.
+
+def _cell(system: System, cell: Optional[Tensor]) -> Optional[Tensor]:
+    return system.cell if (cell is None and system.pbc) else cell
 
 
 def max_bond_deviation(positions: Tensor, system: System, cell: Optional[Tensor] = None) -> Tensor:
     """max_b |d_b − d̄_b| (Å) for positions (..., N, 3); 0 if the system has no bonds."""
-    bonds = system.bonds.to(positions.device)
-    if bonds.numel() == 0:
-        return torch.zeros(positions.shape[:-2], dtype=positions.dtype, device=positions.device)
-    if cell is not None:
-        vec = positions[..., bonds[:, 1], :] - positions[..., bonds[:, 0], :]
-        vec = _min_image(vec, cell)
-        d = vec.norm(dim=-1)
-    else:
-        d = bond_lengths(positions, bonds)
-    ref = system.ref_bond_lengths.to(device=positions.device, dtype=positions.dtype)
-    dev = (d - ref).abs()
-    # NaN-propagating max (torch.amax propagates NaN)
-    return dev.amax(dim=-1)
+    return geo.bond_length_deviation(positions, system.bonds.to(positions.device), system.ref_bond_lengths,
+                                     _cell(system, cell))
 
 
-def _min_image(vec: Tensor, cell: Tensor) -> Tensor:
-    """Minimum-image vectors (..., K, 3); cell (3,3) or (..., 3, 3) matching vec's leading dims."""
-    cell = cell.to(vec)
-    inv = torch.linalg.inv(cell)
-    frac = vec @ inv
-    frac = frac - torch.round(frac)
-    return frac @ cell
-
-
-def min_intermolecular_distance(positions: Tensor, system: System, cell: Optional[Tensor] = None,
-                                chunk: int = 64) -> Tensor:
+def min_intermolecular_distance(positions: Tensor, system: System, cell: Optional[Tensor] = None) -> Tensor:
     """Minimum minimum-image distance (Å) between atoms of different molecules, for positions
-    (..., N, 3); +inf if there is a single molecule.  ``cell`` (3,3) or (..., 3, 3)."""
+    (..., N, 3); +inf if there is a single molecule."""
     if system.molecule_index is None:
         raise ValueError("stability criterion 'imd' needs System.molecule_index")
-    lead = positions.shape[:-2]
-    N = positions.shape[-2]
-    mol = system.molecule_index.to(positions.device)
-    inter = mol[:, None] != mol[None, :]
-    if not bool(inter.any()):
-        return torch.full(lead, float("inf"), dtype=positions.dtype, device=positions.device)
-    iu = torch.triu(torch.ones(N, N, dtype=torch.bool, device=positions.device), diagonal=1)
-    ii, jj = torch.nonzero(inter & iu, as_tuple=True)
-    pos = positions.reshape(-1, N, 3)
-    cells = None
+    return geo.min_intermolecular_distance(positions, system.molecule_index.to(positions.device),
+                                           _cell(system, cell))
+
+
+@dataclass(frozen=True)
+class RDFReference:
+    """Reference of the ``rdf`` criterion: rows ``g`` (P, K) of reference g(r) on the grid
+    (``r_max``, ``dr``) and which RDF they are: periodic element-pair g(r) of ``pairs``
+    ((Z_a, Z_b), one row each, :func:`mdsim.observables.element_pair_rdf`), or with
+    ``pairs=None`` one row of the molecular histogram RDF (:func:`mdsim.observables.histogram_rdf`,
+    the RDF of the evaluation metrics)."""
+
+    g: Tensor
+    r_max: float
+    dr: float
+    pairs: Optional[Tuple[Tuple[int, int], ...]] = None
+
+    def __post_init__(self):
+        rows = 1 if self.pairs is None else len(self.pairs)
+        if self.g.dim() != 2 or self.g.shape[0] != rows:
+            raise ValueError(f"RDFReference: g must have shape ({rows}, bins), got {tuple(self.g.shape)}")
+
+    def rows(self, positions: Tensor, atomic_numbers: Tensor, cell=None) -> Tensor:
+        """(..., P, K) RDF rows of structures (..., N, 3) on this reference's grid."""
+        return _rdf_rows(positions, atomic_numbers, cell, self.r_max, self.dr, self.pairs)
+
+    def to(self, device=None) -> "RDFReference":
+        return replace(self, g=self.g.to(device))
+
+
+def _rdf_rows(positions, atomic_numbers, cell, r_max: float, dr: float, pairs) -> Tensor:
+    if pairs is None:
+        return obs.histogram_rdf(positions, r_max, dr, cell=cell)[..., None, :]
+    return torch.stack([obs.element_pair_rdf(positions, atomic_numbers, p, cell, r_max, dr) for p in pairs], -2)
+
+
+def rdf_reference(frames, atomic_numbers, cell=None, r_max: float = 6.0, dr: float = 0.24,
+                  weights: Optional[Tensor] = None, chunk: int = 64) -> RDFReference:
+    """The ``rdf`` criterion's reference from data frames (T, N, 3) Å (weights (T,) summing to
+    1, e.g. Boltzmann reweighting; default uniform).
+
+    Periodic (``cell`` (3,3) or per frame (T,3,3)): element-pair g(r) of every unordered pair of
+    the elements present (water: HH, HO, OO, as the original's criterion); ``r_max`` must fit
+    in the box (≤ half its smallest width).  No cell: the molecular histogram RDF."""
+    frames = torch.as_tensor(frames, dtype=torch.float64)
+    z = torch.as_tensor(atomic_numbers, dtype=torch.long).reshape(-1)
+    pairs = None
     if cell is not None:
-        cells = cell.to(positions).expand(*lead, 3, 3).reshape(-1, 3, 3)
-    out = []
-    for s in range(0, pos.shape[0], chunk):
-        p = pos[s:s + chunk]
-        vec = p[:, jj] - p[:, ii]  # (c, P, 3)
-        if cells is not None:
-            vec = _min_image(vec, cells[s:s + chunk])
-        d = vec.norm(dim=-1)
-        # NaN-propagating min
-        out.append(d.amin(dim=-1))
-    return torch.cat(out).reshape(lead)
+        half = 0.5 * float(geo.perpendicular_widths(cell, frames).min())
+        if r_max > half + 1e-9:
+            raise ValueError(f"rdf stability criterion: max_rdf_dist {r_max} Å exceeds half the periodic box "
+                             f"({half:.4g} Å); minimum-image distances beyond it are incomplete")
+        el = sorted(set(z.tolist()))
+        pairs = tuple((a, b) for k, a in enumerate(el) for b in el[k:])
+        cell = torch.as_tensor(cell, dtype=torch.float64)
+    T = frames.shape[0]
+    w = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else \
+        torch.as_tensor(weights, dtype=torch.float64).reshape(T)
+    g = 0.0
+    for s in range(0, T, chunk):
+        c = cell[s:s + chunk] if (cell is not None and cell.dim() == 3) else cell
+        g = g + (w[s:s + chunk, None, None] * _rdf_rows(frames[s:s + chunk], z, c, r_max, dr, pairs)).sum(0)
+    return RDFReference(g=g, r_max=float(r_max), dr=float(dr), pairs=pairs)
+
+
+def rdf_error(positions: Tensor, system: System, cell: Optional[Tensor] = None) -> Tensor:
+    """RDF MAE vs ``system.rdf_reference`` (max over its rows).  positions (F, R, N, 3): one
+    value per replica (R,) from the RDF averaged over the F frames; otherwise (...) one value
+    per structure.  NaN where a structure (or a frame of the window) is not finite."""
+    ref = system.rdf_reference
+    if ref is None:
+        raise ValueError("stability_criterion 'rdf' needs a reference RDF (System.rdf_reference)")
+    g = ref.rows(positions, system.atomic_numbers.to(positions.device), _cell(system, cell))  # (..., P, K)
+    bad = ~torch.isfinite(positions).all(dim=-1).all(dim=-1)
+    if positions.dim() == 4:  # the frames of a check window
+        g, bad = g.mean(0), bad.any(0)
+    mae = obs.rdf_mae(g, ref.g, ref.r_max).amax(-1)
+    return torch.where(bad.to(mae.device), torch.full_like(mae, float("nan")), mae)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Criterion:
+    """One stability criterion: ``value(positions (..., N, 3), system, cell) -> values``;
+    ``higher_is_worse`` (unstable if value ≥ tolerance, else if value < tolerance); the config
+    key of its tolerance; its label in logs and TensorBoard; what the System must provide."""
+
+    name: str
+    value: Callable[[Tensor, System, Optional[Tensor]], Tensor]
+    higher_is_worse: bool
+    tolerance_key: str
+    label: str
+    needs_molecules: bool = False
+    needs_reference: bool = False
+
+    def is_unstable(self, value: Tensor, tolerance: float) -> Tensor:
+        return (value >= tolerance) if self.higher_is_worse else (value < tolerance)
+
+
+CRITERIA: Dict[str, Criterion] = {c.name: c for c in (
+    Criterion("bond_length_deviation", max_bond_deviation, True, "bond_dev_tol", "Max Bond Length Deviation"),
+    Criterion("imd", min_intermolecular_distance, False, "imd_tol", "Min Intermolecular Distances",
+              needs_molecules=True),
+    Criterion("rdf", rdf_error, True, "imd_tol", "RDF MAE", needs_reference=True),
+)}
+
+
+def get_criterion(name: str) -> Criterion:
+    """The registered criterion ``name`` (ValueError naming the choices otherwise)."""
+    if name not in CRITERIA:
+        raise ValueError(f"stability_criterion must be one of {tuple(CRITERIA)}, got {name!r}")
+    return CRITERIA[name]
 
 
 def stability_values(positions: Tensor, system: System, cell: Optional[Tensor] = None,
@@ -91,21 +173,14 @@ def stability_values(positions: Tensor, system: System, cell: Optional[Tensor] =
 
     ``cell``: (3,3) or (..., 3, 3); defaults to ``system.cell`` for periodic systems.
     ``energy`` (...): non-finite energies flag instability too.  ``value`` is the monitored
-    quantity (max bond deviation, min IMD or ``value_fn``'s value), NaN-propagating."""
-    crit = system.stability_criterion
-    tol = float(system.stability_tolerance)
-    if cell is None and system.pbc and system.cell is not None:
-        cell = system.cell
-    if value_fn is not None:
-        value = value_fn(positions, cell)
-    elif crit == "bond_length_deviation":
-        value = max_bond_deviation(positions, system, cell)
-    elif crit == "imd":
-        value = min_intermolecular_distance(positions, system, cell)
-    else:
-        raise ValueError(f"stability_criterion {crit!r} needs a value_fn (e.g. the RDF MAE from "
-                         "mdsim.observables)")
-    unstable = (value >= tol) if HIGHER_IS_WORSE.get(crit, True) else (value < tol)
+    quantity (the criterion's value, or ``value_fn(positions, cell)`` instead), NaN-propagating;
+    a window value (one per replica for frames (F, R, N, 3)) is repeated over the frames."""
+    crit = get_criterion(system.stability_criterion)
+    cell = _cell(system, cell)
+    value = value_fn(positions, cell) if value_fn is not None else crit.value(positions, system, cell)
+    if value.shape != positions.shape[:-2]:
+        value = value.expand(positions.shape[:-2]).clone()
+    unstable = crit.is_unstable(value, float(system.stability_tolerance))
     finite = torch.isfinite(positions).all(dim=-1).all(dim=-1) & torch.isfinite(value)
     if energy is not None:
         finite = finite & torch.isfinite(energy)
@@ -116,11 +191,11 @@ class StabilityTracker:
     """Per-replica first instability, frozen once set (stays on the flags' device; no host sync).
 
     ``first_unstable_step[r]`` is the step at which replica r was first flagged (−1: never);
-    ``worst_value[r]`` the worst monitored value seen (max bond deviation or min IMD)."""
+    ``worst_value[r]`` the worst monitored value seen (the criterion's direction)."""
 
     def __init__(self, n_replicas: int, criterion: str = "bond_length_deviation", device=None,
                  dtype=torch.float64):
-        self.higher_is_worse = HIGHER_IS_WORSE.get(criterion, True)
+        self.higher_is_worse = get_criterion(criterion).higher_is_worse
         self.first_unstable_step = torch.full((n_replicas,), -1, dtype=torch.long, device=device)
         fill = -float("inf") if self.higher_is_worse else float("inf")
         self.worst_value = torch.full((n_replicas,), fill, dtype=dtype, device=device)

@@ -2,18 +2,22 @@
 
 Built from a dataset split (atomic numbers, a reference frame, cell, molecule membership) plus
 the stability criterion named in the config.  Code never branches on a system's name: water's
-periodic box, its molecules and its intermolecular-distance criterion are all fields here.
+periodic box, its molecules, its stability criterion (one of
+:data:`mdsim.md.stability.CRITERIA`) and that criterion's reference are all fields here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-STABILITY_CRITERIA = ("bond_length_deviation", "imd", "rdf")
+from mdsim.geometry import minimum_image, reference_bond_lengths
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mdsim.md.stability import RDFReference
 
 #: skin added to the sum of covalent radii when detecting bonds (Å); spec §3.
 BOND_SKIN = 0.6
@@ -21,39 +25,25 @@ BOND_SKIN = 0.6
 
 def detect_bonds(atomic_numbers, positions, cell=None, pbc=False, skin: float = BOND_SKIN,
                  molecule_index=None) -> np.ndarray:
-    """Bonds (i<j) with d_ij < r_cov,i + r_cov,j + skin (ASE covalent radii, minimum image if
-    periodic).  With ``molecule_index``, only pairs inside one molecule are bonds."""
+    """Bonds (i<j) with d_ij < r_cov,i + r_cov,j + skin (ASE covalent radii; exact minimum
+    image if periodic, any cell shape).  With ``molecule_index``, only pairs inside one
+    molecule are bonds.  Returns (B, 2) int64, sorted by i then j."""
     from ase.data import covalent_radii
 
-    z = np.asarray(atomic_numbers)
-    pos = np.asarray(positions, dtype=np.float64)
-    diff = pos[None, :, :] - pos[:, None, :]
+    pos = torch.as_tensor(np.asarray(positions), dtype=torch.float64)
+    i, j = torch.triu_indices(pos.shape[0], pos.shape[0], offset=1)
+    disp = pos[j] - pos[i]
     if pbc and cell is not None:
-        cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-        frac = diff @ np.linalg.inv(cell)
-        frac -= np.round(frac)
-        diff = frac @ cell
-    d = np.linalg.norm(diff, axis=-1)
-    r = covalent_radii[z]
-    bonded = d < (r[:, None] + r[None, :] + skin)
-    iu = np.triu(np.ones_like(bonded, dtype=bool), k=1)
-    bonded &= iu
+        disp = minimum_image(disp, torch.as_tensor(np.asarray(cell), dtype=torch.float64).reshape(3, 3),
+                             exact=True)
+    d = disp.norm(dim=-1).numpy()
+    i, j = i.numpy(), j.numpy()
+    r = covalent_radii[np.asarray(atomic_numbers)]
+    bonded = d < r[i] + r[j] + skin
     if molecule_index is not None:
         m = np.asarray(molecule_index)
-        bonded &= m[:, None] == m[None, :]
-    i, j = np.nonzero(bonded)
-    return np.stack([i, j], axis=1).astype(np.int64)
-
-
-def bond_lengths(positions: Tensor, bonds: Tensor, cell: Optional[Tensor] = None) -> Tensor:
-    """Bond lengths (..., B) for positions (..., N, 3); minimum image when ``cell`` is given."""
-    vec = positions[..., bonds[:, 1], :] - positions[..., bonds[:, 0], :]
-    if cell is not None:
-        inv = torch.linalg.inv(cell)
-        frac = vec @ inv
-        frac = frac - torch.round(frac)
-        vec = frac @ cell
-    return vec.norm(dim=-1)
+        bonded &= m[i] == m[j]
+    return np.stack([i[bonded], j[bonded]], axis=1).astype(np.int64)
 
 
 @dataclass
@@ -69,14 +59,21 @@ class System:
     molecule_index: Optional[Tensor] = None  # (N,) long
     stability_criterion: str = "bond_length_deviation"
     stability_tolerance: float = 0.5
+    rdf_reference: Optional["RDFReference"] = None  # reference g(r) of the ``rdf`` criterion
 
     def __post_init__(self):
-        if self.stability_criterion not in STABILITY_CRITERIA:
-            raise ValueError(f"stability_criterion must be one of {STABILITY_CRITERIA}, "
+        from mdsim.md.stability import CRITERIA
+
+        crit = CRITERIA.get(self.stability_criterion)
+        if crit is None:
+            raise ValueError(f"stability_criterion must be one of {tuple(CRITERIA)}, "
                              f"got {self.stability_criterion!r}")
-        if self.stability_criterion in ("imd", "rdf") and self.molecule_index is None:
+        if crit.needs_molecules and self.molecule_index is None:
             raise ValueError(f"stability_criterion {self.stability_criterion!r} needs molecule_index "
                              "(which molecule each atom belongs to) in the data")
+        if crit.needs_reference and self.rdf_reference is None:
+            raise ValueError(f"stability_criterion {self.stability_criterion!r} needs a reference RDF "
+                             "(System.rdf_reference, from mdsim.md.stability.rdf_reference)")
         if self.pbc and self.cell is None:
             raise ValueError("a periodic system needs a cell")
 
@@ -95,18 +92,20 @@ class System:
             if x.is_floating_point():
                 return x.to(device=device, dtype=dtype or x.dtype)
             return x.to(device=device)
+        ref = None if self.rdf_reference is None else self.rdf_reference.to(device)
         return replace(self, atomic_numbers=cv(self.atomic_numbers), masses=cv(self.masses),
                        bonds=cv(self.bonds), ref_bond_lengths=cv(self.ref_bond_lengths),
-                       cell=cv(self.cell), molecule_index=cv(self.molecule_index))
+                       cell=cv(self.cell), molecule_index=cv(self.molecule_index), rdf_reference=ref)
 
     @classmethod
     def from_split(cls, split, stability_criterion: str = "bond_length_deviation",
                    stability_tolerance: float = 0.5, bond_frame: int = 10,
-                   dtype=torch.float32) -> "System":
+                   dtype=torch.float32, rdf_reference: Optional["RDFReference"] = None) -> "System":
         """Build from a :class:`mdsim.data.format.SplitData` (usually the train split).
 
         Bonds are detected on frame ``bond_frame`` (as the original, frame 10) and their
-        reference lengths are the mean over all frames of the split."""
+        reference lengths are the mean over all frames of the split.  ``rdf_reference``: the
+        reference of the ``rdf`` criterion (:func:`mdsim.md.stability.rdf_reference`)."""
         from ase.data import atomic_masses
 
         n = len(split)
@@ -115,18 +114,18 @@ class System:
         pbc = bool(np.any(split.pbc)) if split.pbc is not None else False
         bonds = detect_bonds(split.z, split.R[f], cell, pbc, molecule_index=split.molecule_index)
         bonds_t = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
-        cell_t = None if cell is None else torch.as_tensor(cell, dtype=dtype)
-        ref = bond_lengths(torch.as_tensor(split.R, dtype=torch.float64), bonds_t,
-                           None if cell is None else torch.as_tensor(cell, dtype=torch.float64))
+        ref = reference_bond_lengths(torch.as_tensor(split.R, dtype=torch.float64), bonds_t,
+                                     None if cell is None else torch.as_tensor(cell, dtype=torch.float64))
         mol = None if split.molecule_index is None else torch.as_tensor(split.molecule_index, dtype=torch.long)
         return cls(
             atomic_numbers=torch.as_tensor(split.z, dtype=torch.long),
             masses=torch.as_tensor(atomic_masses[split.z], dtype=dtype),
             bonds=bonds_t,
-            ref_bond_lengths=ref.mean(dim=0).to(dtype),
-            cell=cell_t,
+            ref_bond_lengths=ref.to(dtype),
+            cell=None if cell is None else torch.as_tensor(cell, dtype=dtype),
             pbc=pbc,
             molecule_index=mol,
             stability_criterion=stability_criterion,
             stability_tolerance=float(stability_tolerance),
+            rdf_reference=rdf_reference,
         )

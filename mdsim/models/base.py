@@ -18,7 +18,7 @@ The returned energy is float64 whatever the model's dtype (a float32 model evalu
 −17,000 eV molecule would otherwise round the energy to ~1e-3 eV); forces have the dtype of
 ``positions``.  The normalisation buffers stay float64 under ``model.float()``/``.double()``.
 
-Graphs: molecules use static all-pairs edge lists (``mdsim.md.neighbors.all_pairs_edges``) and
+Graphs (:mod:`mdsim.geometry.neighbors`): molecules use static all-pairs edge lists and
 each model clamps distances at its cutoff, so that pairs beyond the cutoff get exactly zero
 weight and zero gradient; periodic boxes use vesin neighbour lists.  Pass ``equal_size=True``
 when every structure has the same number of atoms (MD replicas) to skip the host-side count.
@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from mdsim.md.neighbors import all_pairs_edges, batch_all_pairs_edges, edge_vectors, periodic_edges
+from mdsim.geometry import all_pairs_edges, batch_all_pairs_edges, edge_vectors, periodic_edges
 
 #: size of the per-element reference-energy table (atomic numbers 0..118).
 N_ELEMENTS = 119
@@ -114,7 +114,7 @@ class PotentialModel(nn.Module):
             if n_atoms % n_structures:
                 raise ModelInputError(f"equal_size=True but {n_atoms} atoms do not split into "
                                       f"{n_structures} equal structures")
-            edge_index = static_all_pairs(n_atoms // n_structures, n_structures, positions.device)
+            edge_index = all_pairs_edges(n_atoms // n_structures, n_structures, positions.device)
         else:
             edge_index = batch_all_pairs_edges(batch, n_structures)
         # index_select (backward: index_add) rather than advanced indexing (backward: a sorted
@@ -150,31 +150,8 @@ class PotentialModel(nn.Module):
         return f"cutoff={self.cutoff}"
 
 
-_STATIC_PAIRS: Dict = {}
-_PINNED_PAIRS: set = set()
-_MAX_UNPINNED_PAIRS = 32
-
-
-def static_all_pairs(n_atoms: int, n_structures: int, device, pin: bool = False) -> Tensor:
-    """The all-pairs edge list of equal-size structures, from a plain dict cache.
-
-    Returns the same device tensor on every call (no host-to-device copy: CUDA-graph safe) and
-    is ``torch.compile`` friendly: once an entry exists, dynamo reads it as a graph input
-    instead of tracing its construction (boolean indexing: a data-dependent shape, a graph
-    break); adding entries later does not trigger recompilation.  ``pin=True`` (what
-    :func:`mdsim.md.compiled.functional_force_fn` does before compiling) exempts the entry from
-    eviction (at most 32 unpinned entries are kept)."""
-    key = (int(n_atoms), int(n_structures), str(torch.device(device)))
-    edge_index = _STATIC_PAIRS.get(key)
-    if edge_index is None:
-        edge_index = all_pairs_edges(n_atoms, n_structures, device=device)
-        unpinned = [k for k in _STATIC_PAIRS if k not in _PINNED_PAIRS]
-        if len(unpinned) >= _MAX_UNPINNED_PAIRS:
-            del _STATIC_PAIRS[unpinned[0]]
-        _STATIC_PAIRS[key] = edge_index
-    if pin:
-        _PINNED_PAIRS.add(key)
-    return edge_index
+#: former name of :func:`mdsim.geometry.all_pairs_edges` (the compiled MD stepper, md/compiled.py, imports it)
+static_all_pairs = all_pairs_edges
 
 
 def _check_inputs(positions, atomic_numbers, batch, n_structures, cell):

@@ -3,7 +3,7 @@
 PyG 2.8.1 enumerates triplets with ``torch_sparse.SparseTensor``, which is not installable
 here, so the triplet enumeration (k→j→i) is written in plain torch below; the basis layers,
 embedding, interaction and output blocks are PyG's.  Periodic boxes use vesin neighbour lists
-(``mdsim.md.neighbors.periodic_edges``) and all geometry comes from shifted edge vectors, so
+(``mdsim.geometry.periodic_edges``) and all geometry comes from shifted edge vectors, so
 angles are correct across the box boundary.  Molecules use static all-pairs lists with distances
 clamped at the cutoff, where the DimeNet envelope (and so every radial/spherical basis value)
 is exactly zero.
@@ -46,7 +46,7 @@ def triplets(edge_index: Tensor, num_nodes: int, shifts: Optional[Tensor] = None
 @lru_cache(maxsize=32)
 def _all_pairs_triplet_template(n_atoms: int, n_structures: int, device: str) -> Tuple[Tensor, Tensor]:
     """Triplets of ``all_pairs_edges(n_atoms, n_structures)``, cached per device (static)."""
-    from mdsim.md.neighbors import all_pairs_edges
+    from mdsim.geometry import all_pairs_edges
 
     kj, ji = triplets(all_pairs_edges(n_atoms, 1), n_atoms)
     off = (torch.arange(n_structures) * (n_atoms * (n_atoms - 1))).repeat_interleave(kj.shape[0])
@@ -100,7 +100,7 @@ class DimeNetPPModel(PotentialModel):
 
     def _graph(self, positions, batch, n_structures, cell, equal_size):
         if cell is not None:
-            from mdsim.md.neighbors import edge_vectors, periodic_edges
+            from mdsim.geometry import edge_vectors, periodic_edges
 
             edge_index, shifts = periodic_edges(positions, cell.reshape(-1, 3, 3), batch, self.cutoff)
             vec = edge_vectors(positions, edge_index, shifts)

@@ -216,7 +216,7 @@ def average_num_neighbors(R, r_max: float, cell=None) -> float:
     auto``."""
     import numpy as np
 
-    from mdsim.md.neighbors import periodic_edges
+    from mdsim.geometry import periodic_edges
 
     R = np.asarray(R, dtype=np.float64)
     if R.ndim == 2:

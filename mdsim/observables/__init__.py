@@ -4,7 +4,7 @@ Conventions: structures are ``(..., N, 3)`` with any leading batch dims (replica
 time series put time FIRST, ``(T, ..., N, 3)``.  Cells are None, (3, 3) lattice rows, box
 lengths (3,), or per-structure (..., 3, 3).  Units: Å, degrees for angles.
 """
-from ._geometry import minimum_image, ordered_pairs, pair_distances
+from mdsim.geometry import minimum_image, ordered_pairs, pair_distances
 from .adf import adf, adf_bin_centers, adf_mae, angle_triplets, default_adf_bond_cutoff, triplet_angles
 from .bonds import (IMD_TARGET, bond_length_deviation, bond_lengths, imd_hinge_loss, intermolecular_pairs,
                     min_intermolecular_distance, reference_bond_lengths)

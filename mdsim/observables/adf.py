@@ -5,7 +5,9 @@ from typing import Sequence, Tuple
 
 import torch
 
-from ._geometry import flat_cell, flatten_batch, gaussian_smear, pair_distances
+from mdsim.geometry import flat_cell, flatten_batch, pair_distances
+
+from .rdf import gaussian_smear
 
 
 def default_adf_bond_cutoff(n_atoms: int) -> float:

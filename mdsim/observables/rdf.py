@@ -12,15 +12,37 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from mdsim.units import KB
 
-from ._geometry import cell_volume, flat_cell, flatten_batch, gaussian_smear, ordered_pairs, pair_distances
+from mdsim.geometry import cell_volume, flat_cell, flatten_batch, ordered_pairs, pair_distances
 
 RDF_START = 1e-6
+
+
+def gaussian_smear(values: torch.Tensor, centers: torch.Tensor, sigma: float,
+                   weights: Optional[torch.Tensor] = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Sum of Gaussians exp(−(v − c)²/(2σ²)) over the last dimension of ``values``.
+
+    values (B, P) → (B, M).  Chunked over B so that B·P·M never exceeds ``chunk_elems``
+    elements at once (keeps memory bounded for thousands of frames)."""
+    B, P = values.shape
+    M = centers.shape[0]
+    coeff = -0.5 / (sigma * sigma)
+    step = max(1, chunk_elems // max(1, P * M))
+    outs = []
+    for s in range(0, B, step):
+        v = values[s:s + step]
+        g = torch.exp(coeff * (v.unsqueeze(-1) - centers) ** 2)  # (b, P, M)
+        if weights is not None:
+            g = g * weights[s:s + step].unsqueeze(-1)
+        outs.append(g.sum(1))
+    if not outs:
+        return values.new_zeros((0, M))
+    return torch.cat(outs, 0)
 
 
 def smeared_rdf_centers(r_max: float, dr: float, dtype=torch.float32, device=None) -> torch.Tensor:

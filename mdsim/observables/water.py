@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._geometry import flat_cell, flatten_batch, minimum_image
+from mdsim.geometry import flat_cell, flatten_batch, minimum_image
 
 
 def molecule_atoms(molecule_index: torch.Tensor, atomic_numbers: torch.Tensor,

@@ -7,10 +7,12 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from mdsim.config import StableConfig
 from mdsim.data.format import DataError, SplitData, load_split, split_dir
+from mdsim.md.stability import RDFReference, get_criterion, rdf_reference
 from mdsim.md.system import System
 
 
@@ -37,13 +39,34 @@ def reference_size(cfg: StableConfig) -> str:
 
 
 def build_system(cfg: StableConfig, train: SplitData, dtype=torch.float32) -> System:
-    crit = cfg.stability_criterion
-    tol = cfg.bond_dev_tol if crit == "bond_length_deviation" else cfg.imd_tol
-    if crit in ("imd", "rdf") and train.molecule_index is None:
-        raise SetupError(f"stability_criterion '{crit}' needs molecule membership in the data "
+    crit = get_criterion(cfg.stability_criterion)
+    if crit.needs_molecules and train.molecule_index is None:
+        raise SetupError(f"stability_criterion '{crit.name}' needs molecule membership in the data "
                          f"(key molecule_index in {cfg.src}/{cfg.name}/.../data.npz); this dataset has none — "
                          "use bond_length_deviation")
-    return System.from_split(train, stability_criterion=crit, stability_tolerance=tol, dtype=dtype)
+    ref = criterion_reference(cfg, train) if crit.needs_reference else None
+    return System.from_split(train, stability_criterion=crit.name, stability_tolerance=getattr(cfg, crit.tolerance_key),
+                             dtype=dtype, rdf_reference=ref)
+
+
+def criterion_reference(cfg: StableConfig, train: SplitData) -> RDFReference:
+    """Reference RDF of the ``rdf`` criterion on the evaluation's grid (``max_rdf_dist``, ``dr``)
+    from the reference split (``max_size`` train, else ``train``; ≤ 2000 evenly spaced frames),
+    Boltzmann-reweighted from the data temperature to ``temperature`` like the RDF references."""
+    from mdsim.observables import boltzmann_reweighting
+
+    try:
+        data = split(cfg, "train", reference_size(cfg))
+    except Exception:
+        data = train
+    idx = np.unique(np.linspace(0, len(data) - 1, min(len(data), 2000)).round().astype(int))
+    w, _ = boltzmann_reweighting(data.E[idx], cfg.temperature,
+                                 cfg.data_temperature or data.temperature_K or 500.0)
+    cell = None if data.cell is None or not np.any(data.pbc) else data.cell[idx]
+    try:
+        return rdf_reference(data.R[idx], data.z, cell, cfg.max_rdf_dist, cfg.dr, weights=w)
+    except ValueError as exc:
+        raise SetupError(str(exc))
 
 
 def pretrained_checkpoint(cfg: StableConfig, size: Optional[str] = None) -> Path:

@@ -44,7 +44,7 @@ from mdsim.config import StableConfig, to_dict
 from mdsim.md.forces import ModelForceField
 from mdsim.md.init import initial_state, maxwell_boltzmann_velocities
 from mdsim.md.integrators import make_integrator
-from mdsim.md.stability import stability_values
+from mdsim.md.stability import get_criterion, stability_values
 from mdsim.md.state import MDState
 from mdsim.models.checkpoint import load_model, save_checkpoint
 from mdsim.units import KB
@@ -390,9 +390,8 @@ def train(cfg: StableConfig, log=print) -> Path:
         sim_time = time.time() - t0
         scalars = {"Fraction of Unstable Replicas": u, "Simulation Time": sim_time,
                    "Learning Rate": optimizer.param_groups[0]["lr"]}
-        crit_name = ("Max Bond Length Deviation" if cfg.stability_criterion == "bond_length_deviation"
-                     else "Min Intermolecular Distances")
-        use_max = cfg.stability_criterion == "bond_length_deviation"
+        crit_name = get_criterion(cfg.stability_criterion).label
+        use_max = get_criterion(cfg.stability_criterion).higher_is_worse
         vals = values[torch.isfinite(values)]
         ext = torch.tensor([(vals.max() if use_max else vals.min()).item() if vals.numel()
                             else (-math.inf if use_max else math.inf)], dtype=torch.float64, device=ctx.device)

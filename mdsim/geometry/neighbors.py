@@ -14,10 +14,14 @@ Conventions: ``edge_index[0]`` is the source atom j, ``edge_index[1]`` the targe
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+_ALL_PAIRS: Dict[tuple, Tensor] = {}
+_PINNED: set = set()
+_MAX_UNPINNED = 32
 
 
 @lru_cache(maxsize=64)
@@ -27,20 +31,29 @@ def _pair_template(n_atoms: int) -> Tensor:
     return torch.stack([jj[mask], ii[mask]])  # (2, N(N-1)) source, target
 
 
-def all_pairs_edges(n_atoms: int, n_structures: int, device=None) -> Tensor:
+def all_pairs_edges(n_atoms: int, n_structures: int, device=None, pin: bool = False) -> Tensor:
     """All ordered pairs i≠j inside each of ``n_structures`` structures of ``n_atoms`` atoms,
-    atoms numbered consecutively structure by structure.  Shape (2, S·N·(N−1)).
+    atoms numbered consecutively structure by structure.  Shape (2, S·N·(N−1)).  Do not modify
+    the result: it is cached.
 
-    Cached per (N, S, device): repeated calls in the MD loop return the same device tensor
-    without a host-to-device copy (required for CUDA-graph capture).  Do not modify it."""
-    return _all_pairs_cached(int(n_atoms), int(n_structures), str(torch.device(device) if device is not None else "cpu"))
-
-
-@lru_cache(maxsize=32)
-def _all_pairs_cached(n_atoms: int, n_structures: int, device: str) -> Tensor:
-    t = _pair_template(n_atoms)
-    offsets = (torch.arange(n_structures) * n_atoms).repeat_interleave(t.shape[1])
-    return (t.repeat(1, n_structures) + offsets).to(device)
+    The cache is a plain dict keyed by (N, S, device): every call returns the same device
+    tensor (no host-to-device copy, CUDA-graph safe), and ``torch.compile`` reads an existing
+    entry as a graph input instead of tracing its construction (boolean indexing, a graph
+    break); adding entries later does not recompile.  ``pin=True`` (used before compiling an
+    MD step) exempts the entry from eviction; at most 32 unpinned entries are kept."""
+    key = (int(n_atoms), int(n_structures), str(torch.device(device) if device is not None else "cpu"))
+    edge_index = _ALL_PAIRS.get(key)
+    if edge_index is None:
+        t = _pair_template(key[0])
+        offsets = (torch.arange(key[1]) * key[0]).repeat_interleave(t.shape[1])
+        edge_index = (t.repeat(1, key[1]) + offsets).to(key[2])
+        unpinned = [k for k in _ALL_PAIRS if k not in _PINNED]
+        if len(unpinned) >= _MAX_UNPINNED:
+            del _ALL_PAIRS[unpinned[0]]
+        _ALL_PAIRS[key] = edge_index
+    if pin:
+        _PINNED.add(key)
+    return edge_index
 
 
 def batch_all_pairs_edges(batch: Tensor, n_structures: int) -> Tensor:
@@ -88,8 +101,7 @@ def periodic_edges(positions: Tensor, cell: Tensor, batch: Tensor, cutoff: float
         pos_s = positions[start:start + n].detach().to(torch.float64).cpu()
         box = cell[s].detach().to(torch.float64).cpu()
         i, j, S = nl.compute(points=pos_s, box=box, periodic=periodic, quantities="ijS")
-        # vesin's vector is r_j - r_i + S @ box: source i, target j -> we want target - source
-        # so edge (source=i, target=j) with shift S @ cell.
+        # vesin's vector is r_j - r_i + S @ box: edge (source=i, target=j) with shift S @ cell
         idx.append(torch.stack([i.long(), j.long()]).to(positions.device) + start)
         shifts.append(S.to(positions.device, cell.dtype) @ cell[s])
         start += n
