@@ -185,7 +185,7 @@ def _coerce(value, tp, where: str):
     return value
 
 
-def _closest(key: str, valid: Sequence[str]) -> str:
+def closest_key(key: str, valid: Sequence[str]) -> str:
     m = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f" (did you mean '{m[0]}'?)" if m else ""
 
@@ -202,7 +202,7 @@ def build(cls, data: Optional[dict], where: str = ""):
     for k in data:
         if k not in names and not extra_ok:
             key = f"{where}.{k}" if where else k
-            raise ConfigError(f"unknown key '{key}'{_closest(str(k), names)}")
+            raise ConfigError(f"unknown key '{key}'{closest_key(str(k), names)}")
     for f in fields(cls):
         key = f"{where}.{f.name}" if where else f.name
         if f.name in data:
@@ -213,7 +213,7 @@ def build(cls, data: Optional[dict], where: str = ""):
                 for v in vals:
                     if v not in md["choices"]:
                         raise ConfigError(f"{key}: {v!r} is not one of {list(md['choices'])}"
-                                          f"{_closest(str(v), [str(c) for c in md['choices']])}")
+                                          f"{closest_key(str(v), [str(c) for c in md['choices']])}")
             if md.get("min") is not None and val is not None and val < md["min"]:
                 raise ConfigError(f"{key}: {val!r} is below the minimum {md['min']}")
             if md.get("max") is not None and val is not None and val > md["max"]:
