@@ -76,6 +76,12 @@ def as_sample_matrix(observables: torch.Tensor) -> torch.Tensor:
     return o[:, None] if o.dim() == 1 else o
 
 
+def as_local_observables(observables: torch.Tensor) -> torch.Tensor:
+    """Detached (F, L, K) view of local observables given as (F, L, K) or (F, L)."""
+    o = observables.detach()
+    return o[..., None] if o.dim() == 2 else o
+
+
 def estimator_weights(observables: torch.Tensor, loss_grad: torch.Tensor, kT: float,
                       scale_by_kT: bool = True, mean_observable: Optional[torch.Tensor] = None,
                       n_total: Optional[float] = None) -> torch.Tensor:
@@ -238,9 +244,7 @@ class LocalBoltzmannEstimator:
                  accumulate_into_grad: bool = False) -> Tuple[List[torch.Tensor], Dict]:
         """positions (F, N, 3), neighborhoods (F, L, S) or (L, S), observables (F, L, K)."""
         F = positions.shape[0]
-        obs = observables.detach()
-        if obs.dim() == 2:
-            obs = obs[..., None]
+        obs = as_local_observables(observables)
         L, K = obs.shape[1], obs.shape[2]
         nb = expand_neighborhoods(neighborhoods, F, positions.device)
         mean_obs = obs.reshape(-1, K).mean(0)

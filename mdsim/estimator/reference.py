@@ -13,7 +13,7 @@ import torch
 
 from mdsim.observables.water import neighborhood_energies
 
-from .core import LossGrad, as_sample_matrix, expand_neighborhoods, resolve_loss_grad
+from .core import LossGrad, as_local_observables, as_sample_matrix, expand_neighborhoods, resolve_loss_grad
 
 
 # ------------------------------------------------------------- per-sample Jacobian (original)
@@ -138,10 +138,7 @@ def reference_local_jacobian_gradient(atom_energy_fn: Callable[[torch.Tensor], t
     F = positions.shape[0]
     nb = expand_neighborhoods(neighborhoods, F, positions.device)
     L = nb.shape[1]
-    obs = observables.detach()
-    if obs.dim() == 2:
-        obs = obs[..., None]
-    obs = obs.reshape(F * L, -1)
+    obs = as_local_observables(observables).reshape(F * L, -1)
     frame_of = torch.arange(F, device=positions.device).repeat_interleave(L)
     nb_flat = nb.reshape(F * L, nb.shape[-1])
 
