@@ -4,6 +4,11 @@
     python stable_training.py --config-yml configs/stable_training/md17/train.yml
     python stable_training.py --config-yml configs/stable_training/md17/simulate.yml --eval_model pre
     python stable_training.py --config-yml configs/quickstart/train.yml      # whole pipeline
+    python stable_training.py --config-yml configs/stable_training/md17/train.yml --eval_model post
+
+``--eval_model X`` always evaluates X: with a training (or pipeline) config it implies
+``train: false`` (the pipeline's ``simulate_overrides`` applied), so it evaluates the run that
+config trains; the other settings are the training config's (simulate.yml has the paper's).
 
 Training writes checkpoints (``cycle<c>_epoch<e>.pt``, ``end_of_cycle<c>.pt``, ``ckpt.pt``),
 tensorboard logs and ``resume.pt`` to the run folder; rerunning the same command resumes.
@@ -37,6 +42,14 @@ def main(argv=None) -> int:
     if not args.config_yml:
         p.error("--config-yml is required")
     cfg = config_from_args(StableConfig, args, FLAGS)
+    if args.flag_eval_model is not None and (cfg.train or cfg.pipeline is not None):
+        from mdsim.config import ConfigError
+        from mdsim.training.pipeline import evaluation_config
+        try:
+            cfg = evaluation_config(cfg, cfg.eval_model)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
     from mdsim.training import distributed
 
     try:

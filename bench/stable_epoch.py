@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from mdsim.training.learning import (EFLossSettings, apply_update, energy_force_gradient,
                                          observable_gradient)
     from mdsim.training.rollout import simulate
-    from mdsim.training.stable import _new_optimizer, epoch_observables, prepare
+    from mdsim.training.stable import epoch_observables, new_optimizer, prepare
     from mdsim.training.targets import training_observable
 
     raw = SHARED / "data" / "xtb_aspirin_500K.npz"
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     state = initial_state(ctx.system, ctx.train.R, ctx.force_field, cfg.n_replicas, cfg.temperature, generator=gen,
                           mode="random", dtype=ctx.dtype, device=ctx.device)
     target = training_observable(cfg.training_observable, ctx.oset, ctx.refs)
-    opt, _ = _new_optimizer(cfg, ctx.model, cfg.lr)
+    opt, _ = new_optimizer(cfg, ctx.model, cfg.lr)
     if args.backend != "eager":  # compile once outside the timed region
         simulate(ctx.integrator, ctx.force_field, state.clone(), 2 * cfg.n_dump, cfg.n_dump,
                  vstride=ctx.oset.vacf_stride, generator=gen, backend=args.backend)

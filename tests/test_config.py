@@ -95,3 +95,36 @@ def test_every_shipped_config_validates():
         load_config(StableConfig, f)
     for f in pre:
         load_config(PretrainConfig, f)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("timestep=-1", "timestep: -1.0 must be greater than 0"),
+    ("timestep=0", "timestep: 0.0 must be greater than 0"),
+    ("temperature=0", "temperature: 0.0 must be greater than 0"),
+    ("integrator_config.gamma=-0.1", "integrator_config.gamma: -0.1 is below the minimum 0"),
+    ("integrator_config.ttime=0", "integrator_config.ttime: 0.0 must be greater than 0"),
+    ("data_temperature=-5", "data_temperature: -5.0 must be greater than 0"),
+    ("integrator_config.timestep=-1", "integrator_config.timestep (-1) disagrees with timestep (0.5)"),
+    ("integrator_config.temperature=300", "integrator_config.temperature (300) disagrees with temperature (500)"),
+    ("pipeline.evaluate=[pre, latest]", "pipeline.evaluate[1]: 'latest' is not one of"),
+])
+def test_integrator_and_range_errors_name_the_keys(tmp_path, override, fragment):
+    """Every accepted key takes effect or is rejected: the integrator_config aliases of
+    timestep/temperature may not silently disagree with the top-level keys."""
+    f = write(tmp_path / "c.yml", {"timestep": 0.5, "temperature": 500})
+    with pytest.raises(ConfigError) as ei:
+        load_config(StableConfig, f, [override])
+    assert fragment in str(ei.value) and str(f) in str(ei.value)
+
+
+def test_integrator_config_aliases_take_effect(tmp_path):
+    f = write(tmp_path / "orig.yml", {"integrator_config": {"timestep": 1.0, "temperature": 300, "ttime": 10}})
+    c = load_config(StableConfig, f)
+    assert (c.timestep, c.temperature, c.integrator_config.ttime) == (1.0, 300.0, 10.0)
+    # both given and equal: fine; the alias alone with a bad value is rejected under its own name
+    c = load_config(StableConfig, None, ["timestep=2", "integrator_config.timestep=2.0"])
+    assert c.timestep == 2.0
+    with pytest.raises(ConfigError, match="integrator_config.timestep: -1.0 must be greater than 0"):
+        load_config(StableConfig, None, ["integrator_config.timestep=-1"])
+    # the saved config (to_dict) loads again
+    assert load_config(StableConfig, None, [(k, v) for k, v in to_dict(c).items()]).timestep == 2.0

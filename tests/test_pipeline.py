@@ -36,3 +36,29 @@ def test_quickstart_pipeline_end_to_end_and_reuse(tmp_path):
     run_pipeline(cfg, log=logs2.append)
     text2 = "\n".join(map(str, logs2))
     assert "generating" not in text2 and "pretraining with" not in text2 and "resuming" in text2
+
+
+def test_empty_evaluate_list_trains_only(tmp_path, monkeypatch):
+    """pipeline.evaluate: [] = train only (documented): no evaluation, no table, no crash."""
+    from mdsim.training import evaluate, pipeline, stable
+    calls = []
+    monkeypatch.setattr(pipeline, "ensure_data", lambda cfg, log: calls.append("data"))
+    monkeypatch.setattr(pipeline, "ensure_pretrained", lambda cfg, log: calls.append("pretrain"))
+    monkeypatch.setattr(stable, "train", lambda cfg, log: calls.append("train"))
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda cfg, log: calls.append("evaluate"))
+    cfg = load_config(StableConfig, ROOT / "configs/quickstart/train.yml", [("log_dir", str(tmp_path)),
+                                                                           ("pipeline.evaluate", [])])
+    logs = []
+    assert run_pipeline(cfg, log=logs.append) == {}
+    assert calls == ["data", "pretrain", "train"]
+    assert "pipeline.evaluate is empty: trained only" in "\n".join(logs)
+
+
+def test_evaluation_config_of_a_pipeline():
+    from mdsim.training.pipeline import evaluation_config
+    cfg = load_config(StableConfig, ROOT / "configs/quickstart/train.yml",
+                      [("pipeline.simulate_overrides", ["integrator=Langevin", "n_epochs=7"])])
+    e = evaluation_config(cfg, "post_cycle1")
+    assert (e.train, e.eval_model, e.pipeline, e.integrator, e.n_epochs) == (False, "post_cycle1", None,
+                                                                            "Langevin", 7)
+    assert (e.lr, e.exp_name, e.timestep) == (cfg.lr, cfg.exp_name, cfg.timestep)  # same run folder

@@ -120,3 +120,25 @@ def test_original_pretrained_checkpoint_is_accepted(xtb_data_root, tmp_path):
     check_compatible(cfg, train_split, ckpt, ck)
     with pytest.raises(SetupError, match="holds a 'schnet' model"):
         check_compatible(stable_cfg(xtb_data_root, tmp_path, tmp_path, ["model=nequip"]), train_split, ckpt, ck)
+
+
+def test_eval_model_flag_on_training_config_evaluates(xtb_data_root, tiny_pretrained, tmp_path):
+    """`--config-yml train.yml --eval_model X` evaluates X (train: false implied) instead of
+    refusing the existing resume.pt or training again."""
+    model_dir, _ = tiny_pretrained
+    folder = train(stable_cfg(xtb_data_root, model_dir, tmp_path, ["n_epochs=1"]), **QUIET)
+    before = (folder / "resume.pt").read_bytes()
+    sets = [f"src={xtb_data_root}", "molecule=ethanol", f"model_dir={model_dir}", f"log_dir={tmp_path}",
+            "n_replicas=4", "steps=40", "n_dump=10", "vacf_window=10", "n_epochs=1", "minibatch_size=20",
+            "progress=false", "lr=0.001"]
+    cmd = [sys.executable, str(ROOT / "stable_training.py"), "--config-yml",
+           str(ROOT / "configs/stable_training/xtb/train.yml")]
+    for s in sets:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd + ["--eval_model", "post"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    metrics = folder / "inference" / "post" / "final_metrics.json"
+    assert f"metrics: {metrics}" in out.stdout
+    m = json.loads(metrics.read_text())
+    assert m["eval_model"] == "post" and m["checkpoint"] == str(folder / "ckpt.pt")
+    assert (folder / "resume.pt").read_bytes() == before  # no training happened

@@ -21,11 +21,12 @@ class ConfigError(ValueError):
 
 
 def option(default=MISSING, doc: str = "", choices: Optional[Sequence] = None, min=None, max=None,
-           default_factory=MISSING, compat: bool = False):
-    """Declare a config key.  ``compat`` marks keys accepted for compatibility with the
-    original's YAML files that have no effect here (documented as such)."""
+           default_factory=MISSING, compat: bool = False, gt=None):
+    """Declare a config key.  ``min``/``max`` are inclusive bounds, ``gt`` an exclusive lower
+    bound.  ``compat`` marks keys accepted for compatibility with the original's YAML files
+    (documented as such: they have no effect or are aliases checked against the main key)."""
     md = {"doc": doc, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max,
-          "compat": compat}
+          "gt": gt, "compat": compat}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=md)
     return field(default=default, metadata=md)
@@ -139,6 +140,9 @@ def _coerce(value, tp, where: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:  # Optional[X]: X's own, more precise error
+            return _coerce(value, alternatives[0], where)
         errs = []
         for a in args:
             if a is type(None):
@@ -185,16 +189,19 @@ def _coerce(value, tp, where: str):
     return value
 
 
-def _closest(key: str, valid: Sequence[str]) -> str:
+def closest_key(key: str, valid: Sequence[str]) -> str:
     m = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f" (did you mean '{m[0]}'?)" if m else ""
 
 
 def build(cls, data: Optional[dict], where: str = ""):
-    """Instantiate dataclass ``cls`` from ``data`` with full validation."""
+    """Instantiate dataclass ``cls`` from ``data`` with full validation.  A ``normalize(data)``
+    static method of ``cls``, if any, first maps the raw mapping (e.g. resolves aliases)."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    if callable(getattr(cls, "normalize", None)):
+        data = cls.normalize(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     extra_ok = getattr(cls, "__allow_extra__", False)
@@ -202,7 +209,7 @@ def build(cls, data: Optional[dict], where: str = ""):
     for k in data:
         if k not in names and not extra_ok:
             key = f"{where}.{k}" if where else k
-            raise ConfigError(f"unknown key '{key}'{_closest(str(k), names)}")
+            raise ConfigError(f"unknown key '{key}'{closest_key(str(k), names)}")
     for f in fields(cls):
         key = f"{where}.{f.name}" if where else f.name
         if f.name in data:
@@ -213,9 +220,11 @@ def build(cls, data: Optional[dict], where: str = ""):
                 for v in vals:
                     if v not in md["choices"]:
                         raise ConfigError(f"{key}: {v!r} is not one of {list(md['choices'])}"
-                                          f"{_closest(str(v), [str(c) for c in md['choices']])}")
+                                          f"{closest_key(str(v), [str(c) for c in md['choices']])}")
             if md.get("min") is not None and val is not None and val < md["min"]:
                 raise ConfigError(f"{key}: {val!r} is below the minimum {md['min']}")
+            if md.get("gt") is not None and val is not None and not val > md["gt"]:
+                raise ConfigError(f"{key}: {val!r} must be greater than {md['gt']}")
             if md.get("max") is not None and val is not None and val > md["max"]:
                 raise ConfigError(f"{key}: {val!r} is above the maximum {md['max']}")
             kwargs[f.name] = val

@@ -16,8 +16,10 @@ or the repository root); keys in the including file win. On the command line,
 `--set key.sub=value` (repeatable) overrides any key; the original's flags (`--molecule`,
 `--size`, `--seed`, `--eval_model`, ...) map to the keys named in each entry point's `--help`.
 
-Keys marked *compat* are accepted for compatibility with the original's YAML files and have
-no effect. "(new)" marks keys the original did not have.
+Keys marked *compat* are accepted for compatibility with the original's YAML files: they have
+no effect, or (`integrator_config.timestep`, `integrator_config.temperature`) are aliases of a
+main key that set it when it is absent and must agree with it when both are given. "(new)"
+marks keys the original did not have.
 """
 
 
@@ -39,6 +41,8 @@ def table(cls) -> str:
         if md.get("choices"):
             doc += " One of: " + ", ".join(f"`{c}`" for c in md["choices"]) + "."
         rng = []
+        if md.get("gt") is not None:
+            rng.append(f"> {md['gt']}")
         if md.get("min") is not None:
             rng.append(f"≥ {md['min']}")
         if md.get("max") is not None:

@@ -76,7 +76,7 @@ class ModelConfig:
     def validate(self, where=""):
         from mdsim.models.registry import INERT_KEYS, ModelConfigError, model_hyperparameter_names
 
-        from .core import _closest
+        from .core import closest_key
         try:
             allowed = model_hyperparameter_names(self.name)
         except ModelConfigError as exc:
@@ -84,7 +84,7 @@ class ModelConfig:
         for k in self.extra:
             if k not in allowed and k not in INERT_KEYS:
                 raise ConfigError(f"unknown key '{where}.{k}' for model '{self.name}'"
-                                  f"{_closest(k, list(allowed))}")
+                                  f"{closest_key(k, list(allowed))}")
 
 
 @dataclass

@@ -4,6 +4,7 @@ Keys and defaults follow the original's YAML files (spec §8.1); additions are m
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -14,17 +15,28 @@ from .core import ConfigError, option
 INTEGRATORS = ("NoseHoover", "Langevin", "LangevinOriginal", "VelocityVerlet")
 CRITERIA = tuple(STABILITY_CRITERIA)  # the registry in mdsim.md.stability
 OBSERVABLES = ("rdf", "imd", "bond_length_dev", "adf", "vacf")
+#: eval_model values (spec §7); groups: cycle and epoch of post_cycle<c>[_epoch<e>]
+EVAL_MODEL_RE = re.compile(r"pre|post|\d+k|\d+percent|lmax=\d+|post_cycle(\d+)(?:_epoch(\d+))?")
+#: integrator_config keys that are aliases of top-level keys (the original's layout)
+INTEGRATOR_ALIASES = ("timestep", "temperature")
+
+
+def check_eval_model(value: str, key: str = "eval_model") -> None:
+    if not EVAL_MODEL_RE.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} is not one of pre, post, <N>k, <N>percent, "
+                          "lmax=<l>, post_cycle<c>, post_cycle<c>_epoch<e>")
 
 
 @dataclass
 class IntegratorConfig:
     ttime: float = option(20.0, "Nosé–Hoover thermostat time in units of the timestep "
-                          "(Q = 3N kT (ttime·dt)²).", min=0.0)
-    gamma: float = option(0.1, "Langevin friction in ps⁻¹.", min=0.0)
-    timestep: Optional[float] = option(None, "Compatibility alias of the top-level `timestep` (fs).",
-                                       compat=True)
-    temperature: Optional[float] = option(None, "Compatibility alias of the top-level `temperature` (K).",
-                                          compat=True)
+                          "(Q = 3N kT (ttime·dt)²); used by NoseHoover.", gt=0.0)
+    gamma: float = option(0.1, "Langevin friction in ps⁻¹; used by Langevin and LangevinOriginal.", min=0.0)
+    timestep: Optional[float] = option(None, "Alias of the top-level `timestep` (fs): sets it when "
+                                       "`timestep` is not given; both given must agree.", compat=True, gt=0.0)
+    temperature: Optional[float] = option(None, "Alias of the top-level `temperature` (K): sets it when "
+                                          "`temperature` is not given; both given must agree.", compat=True,
+                                          gt=0.0)
 
 
 @dataclass
@@ -50,8 +62,8 @@ class StableConfig:
     seed: int = option(123, "Random seed (used, unlike the original).")
     # ---- observables
     dr: float = option(0.02, "RDF bin width (Å).", min=1e-6)
-    max_rdf_dist: float = option(10.0, "RDF range (Å).", min=0.0)
-    gaussian_width: float = option(0.01, "Gaussian smearing σ of the differentiable RDF (Å).", min=0.0)
+    max_rdf_dist: float = option(10.0, "RDF range (Å).", gt=0.0)
+    gaussian_width: float = option(0.01, "Gaussian smearing σ of the differentiable RDF (Å).", gt=0.0)
     angle_range: List[float] = option(default_factory=lambda: [0.0, 180.0], doc="ADF range (degrees).")
     vacf_window: int = option(100, "VACF lags (samples).", min=2)
     n_dump_vacf: int = option(2, "Stride between VACF windows during training.", min=1)
@@ -60,11 +72,11 @@ class StableConfig:
                             "original's Euler-type scheme, kept for comparison).", choices=INTEGRATORS)
     integrator_config: IntegratorConfig = option(default_factory=IntegratorConfig,
                                                  doc="Integrator parameters.")
-    timestep: float = option(0.5, "MD timestep (fs).", min=0.0)
-    temperature: float = option(500.0, "Simulation temperature (K).", min=0.0)
+    timestep: float = option(0.5, "MD timestep (fs).", gt=0.0)
+    temperature: float = option(500.0, "Simulation temperature (K).", gt=0.0)
     data_temperature: Optional[float] = option(
         None, "(new) Temperature of the reference data (K) for RDF reweighting; null = the value "
-        "stored in the data (500 K if absent, as the original).")
+        "stored in the data (500 K if absent, as the original).", gt=0.0)
     steps: int = option(2000, "MD steps per epoch.", min=1)
     eq_steps: int = option(0, "Steps skipped at the start of each epoch before recording.", min=0)
     n_dump: int = option(100, "Frame stride (steps) for stored frames, stability checks and dumps.", min=1)
@@ -73,7 +85,8 @@ class StableConfig:
     # ---- mode
     train: bool = option(True, "True = StABlE training, False = evaluation (simulate.yml).")
     eval_model: str = option("pre", "Checkpoint to evaluate: pre, <size> (10k, 50k...), lmax=<l>, post, "
-                             "post_cycle<c>, post_cycle<c>_epoch<e>.")
+                             "post_cycle<c>, post_cycle<c>_epoch<e>. `stable_training.py --eval_model X` "
+                             "evaluates X even with a training config (it implies train: false).")
     # ---- stability
     stability_criterion: str = option("bond_length_deviation", "Stability check.", choices=CRITERIA)
     bond_dev_tol: float = option(0.25, "Max bond-length deviation tolerated (Å).", min=0.0)
@@ -136,6 +149,24 @@ class StableConfig:
     diffusion_loss_weight: float = option(0.0, "Legacy key (no effect).", compat=True)
     allow_off_policy_updates: bool = option(False, "Legacy key (no effect).", compat=True)
 
+    @staticmethod
+    def normalize(data: dict) -> dict:
+        """``integrator_config.timestep``/``.temperature`` (the original's layout) set the top-level
+        keys when those are absent; when both are given they must agree."""
+        ic = data.get("integrator_config")
+        if not isinstance(ic, dict) or not any(ic.get(k) is not None for k in INTEGRATOR_ALIASES):
+            return data
+        data = dict(data)
+        for k in INTEGRATOR_ALIASES:
+            alias = ic.get(k)
+            if alias is None:
+                continue
+            if k in data and data[k] != alias and not _same_number(data[k], alias):
+                raise ConfigError(f"integrator_config.{k} ({alias!r}) disagrees with {k} ({data[k]!r}); "
+                                  f"set only {k}")
+            data.setdefault(k, alias)
+        return data
+
     def validate(self, where=""):
         if self.angle_range and (len(self.angle_range) != 2 or self.angle_range[0] >= self.angle_range[1]):
             raise ConfigError(f"angle_range: expected [low, high] with low < high, got {self.angle_range}")
@@ -146,10 +177,14 @@ class StableConfig:
         if self.local_estimator and self.training_observable != "bond_length_dev":
             raise ConfigError("local_estimator: true needs training_observable: bond_length_dev "
                               f"(got {self.training_observable!r})")
-        import re
-        if not re.fullmatch(r"pre|post|\d+k|\d+percent|lmax=\d+|post_cycle\d+(_epoch\d+)?", self.eval_model):
-            raise ConfigError(f"eval_model: {self.eval_model!r} is not one of pre, post, <N>k, <N>percent, "
-                              "lmax=<l>, post_cycle<c>, post_cycle<c>_epoch<e>")
+        check_eval_model(self.eval_model)
+
+
+def _same_number(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -158,10 +193,15 @@ class PipelineConfig:
     if they are missing, run StABlE training, then evaluate the listed models."""
     xtb_frames: int = option(4000, "Frames of GFN2-xTB MD generated when the data are missing "
                              "(0 = never generate).", min=0)
-    xtb_temperature: float = option(500.0, "Temperature of the generated data (K).", min=0.0)
+    xtb_temperature: float = option(500.0, "Temperature of the generated data (K).", gt=0.0)
     pretrain_config: str = option("configs/pretraining/xtb/schnet.yml", "Pretraining config used when "
                                   "the pretrained checkpoint is missing.")
     pretrain_overrides: List[str] = option(default_factory=list, doc="`key=value` overrides for pretraining.")
-    evaluate: List[str] = option(default_factory=lambda: ["pre", "post"], doc="eval_model values to evaluate.")
+    evaluate: List[str] = option(default_factory=lambda: ["pre", "post"], doc="eval_model values to evaluate "
+                                 "after training, in order; [] = train only (no evaluation, no table).")
     simulate_overrides: List[str] = option(default_factory=list, doc="`key=value` overrides applied to "
                                            "the evaluation runs (on top of this config with train: false).")
+
+    def validate(self, where=""):
+        for i, em in enumerate(self.evaluate):
+            check_eval_model(em, f"{where}.evaluate[{i}]" if where else f"evaluate[{i}]")

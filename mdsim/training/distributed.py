@@ -72,6 +72,18 @@ class Comm:
         dist.all_reduce(t, op=ops[op])
         return t
 
+    def all_reduce_tensors(self, tensors: List[Tensor]) -> List[Tensor]:
+        """Sum a list of tensors over ranks (one flat buffer, one collective); the list itself
+        without a process group."""
+        if not self.distributed or not tensors:
+            return tensors
+        flat = self.all_reduce(torch.cat([t.reshape(-1) for t in tensors]))
+        out, i = [], 0
+        for t in tensors:
+            out.append(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+        return out
+
     def sum_floats(self, *values: float) -> List[float]:
         """Sum Python floats over ranks (float64, one collective)."""
         if not self.distributed:

@@ -30,7 +30,7 @@ from . import distributed, setup
 from .io import write_json, write_yaml
 from .pretrain import evaluate as ef_errors
 from .rollout import simulate
-from .stable import EF_TEST_FRAMES, Shard, _initial_shard, _quiet, md_integrator, prepare
+from .context import EF_TEST_FRAMES, Shard, initial_shard, md_integrator, prepare, quiet
 
 
 def _mean_std(x: np.ndarray):
@@ -42,7 +42,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     comm = distributed.setup(cfg.device)
     main = comm.is_main
     if not main:
-        log = _quiet
+        log = quiet
     ckpt_path = setup.eval_checkpoint(cfg)  # fails before anything is written
     ctx = prepare(cfg, checkpoint=ckpt_path, log=log, device=comm.device)
     out = ctx.folder / "inference" / cfg.eval_model
@@ -52,11 +52,11 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         raise setup.SetupError(f"n_replicas {R} exceeds the {len(ctx.test)} test frames")
     if R < comm.world_size:
         raise setup.SetupError(f"n_replicas {R} is smaller than the {comm.world_size} processes")
-    shard = Shard(*comm.shard(R), R)
+    shard = Shard.of(comm, R)
     sizes = comm.shard_sizes(R)
     Rl = shard.hi - shard.lo
     gen = torch.Generator().manual_seed(cfg.seed)
-    state = _initial_shard(ctx, ctx.test.R, R, gen, shard, "first")
+    state = initial_shard(ctx, ctx.test.R, R, gen, shard, "first")
     ef = ef_errors(ctx.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES, comm=comm)
     integrator, md_gen = md_integrator(ctx, comm, shard, gen)
     tracker = StabilityTracker(Rl, cfg.stability_criterion, device=ctx.device)

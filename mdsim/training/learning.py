@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from boltzmann_estimator import BoltzmannEstimator, resolve_loss_grad
+from mdsim.estimator import BoltzmannEstimator, LocalBoltzmannEstimator, squared_error_loss
 from mdsim.data.format import SplitData
 from mdsim.models import batch_from_frames
 from mdsim.training.pretrain import EnergyForceLoss
@@ -41,77 +41,26 @@ def energy_fn_for(model, atomic_numbers: Tensor, cell: Optional[Tensor], dtype):
 
 def observable_gradient(model, target: TrainingObservable, samples: Tensor, atomic_numbers: Tensor,
                         cell: Optional[Tensor], kT: float, minibatch_size: int, scale_by_kT: bool,
-                        dtype=torch.float32, shuffle_generator=None):
-    """Boltzmann-estimator gradient for samples (S, N, 3).  Returns (grads, loss)."""
+                        dtype=torch.float32, shuffle_generator=None, comm=None):
+    """Boltzmann-estimator gradient for samples (S, N, 3).  Returns (grads, loss).
+
+    ``shuffle_generator``: the samples are permuted first (the minibatch order).  With a
+    distributed ``comm`` the samples are this rank's share (already in the single-process
+    order); the mean observable and the gradients are all-reduced, so every rank returns the
+    gradient of all samples (:class:`mdsim.estimator.BoltzmannEstimator` with ``comm``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        O = target.samples(samples.to(torch.float64))
+    sharded = comm is not None and comm.distributed
+    O = None
+    if samples.shape[0] or not sharded:
+        with torch.no_grad():
+            O = target.samples(samples.to(torch.float64))
     if shuffle_generator is not None:
         perm = torch.randperm(samples.shape[0], generator=shuffle_generator)
         samples, O = samples[perm.to(samples.device)], O[perm.to(O.device)]
-    est = BoltzmannEstimator(energy_fn_for(model, atomic_numbers, cell, dtype), minibatch_size, kT, scale_by_kT)
+    est = BoltzmannEstimator(energy_fn_for(model, atomic_numbers, cell, dtype), minibatch_size, kT, scale_by_kT,
+                             comm=comm if sharded else None)
     grads, stats = est.gradient(params, samples, O, target.loss)
     return grads, stats["loss"]
-
-
-def sharded_observable_gradient(model, target: TrainingObservable, samples: Tensor, atomic_numbers: Tensor,
-                                cell: Optional[Tensor], kT: float, minibatch_size: int, scale_by_kT: bool,
-                                comm, dtype=torch.float32):
-    """Boltzmann-estimator gradient when the samples are spread over ranks (this rank holds
-    ``samples`` (S_r, N, 3)); every rank returns the gradient of all samples.
-
-    The estimator is linear in the samples once the global mean observable is known:
-    all-reduce Σ O_i and the sample count → ⟨O⟩ and ∂L/∂⟨O⟩ (the same on every rank); each
-    rank weights its samples by w_i = −(s_i − s̄)/(N kT), s_i = O_i·∂L/∂⟨O⟩, s̄ = ⟨O⟩·∂L/∂⟨O⟩,
-    back-propagates Σ_i w_i U_θ(x_i) over its minibatches, and the gradients are all-reduce
-    summed.  Returns (grads, loss)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    S = samples.shape[0]
-    with torch.no_grad():
-        O = target.samples(samples.to(torch.float64)) if S else None
-    if O is not None and O.dim() == 1:
-        O = O[:, None]
-    # the observable's length (a rank may hold no samples)
-    K = int(comm.all_reduce(torch.tensor([O.shape[1] if O is not None else 0], device=comm.device), "max").item())
-    dev = comm.device
-    buf = torch.zeros(K + 1, dtype=torch.float64, device=dev)
-    if O is not None:
-        buf[:K] = O.sum(0).to(dev)
-        buf[K] = S
-    comm.all_reduce(buf)
-    n_total = float(buf[K])
-    if n_total == 0:
-        return [torch.zeros_like(p) for p in params], float("nan")
-    mean_obs = buf[:K] / n_total
-    g_obs, loss = resolve_loss_grad(target.loss, mean_obs)
-    grads = [torch.zeros_like(p) for p in params]
-    if O is not None:
-        g = g_obs.to(O)
-        s = O @ g
-        w = -(s - mean_obs.to(O) @ g) / n_total
-        if scale_by_kT:
-            w = w / kT
-        energy_fn = energy_fn_for(model, atomic_numbers, cell, dtype)
-        for a in range(0, S, minibatch_size):
-            x = samples[a:a + minibatch_size].detach()
-            e = energy_fn(x).reshape(-1)
-            gs = torch.autograd.grad((w[a:a + x.shape[0]].to(e) * e).sum(), params, allow_unused=True)
-            for t, gi in zip(grads, gs):
-                if gi is not None:
-                    t.add_(gi)
-    return _all_reduce_grads(comm, grads), loss
-
-
-def _all_reduce_grads(comm, grads: List[Tensor]) -> List[Tensor]:
-    """Sum a list of gradients over ranks (one flat buffer, one collective)."""
-    if not comm.distributed or not grads:
-        return grads
-    flat_g = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
-    out, i = [], 0
-    for g in grads:
-        out.append(flat_g[i:i + g.numel()].view_as(g))
-        i += g.numel()
-    return out
 
 
 def energy_force_gradient(model, data: SplitData, settings: EFLossSettings, minibatch_size: int,
@@ -144,7 +93,7 @@ def energy_force_gradient(model, data: SplitData, settings: EFLossSettings, mini
         lsum += float(loss.detach())
         nb += 1
     if distributed:
-        total = _all_reduce_grads(comm, total)
+        total = comm.all_reduce_tensors(total)
         (lsum,) = comm.sum_floats(lsum)
     return [t / max(nb, 1) for t in total], lsum / max(nb, 1)
 
@@ -187,7 +136,6 @@ def local_observable_gradient(model, samples: Tensor, system, n_local_neighborho
     energy is the sum of the model's per-atom energies over the neighbourhood's atoms, its
     observable the centre molecule's bond lengths from its first atom (O–H for water), matched to
     the mean reference bond length.  Returns (grads, loss)."""
-    from boltzmann_estimator import LocalBoltzmannEstimator
     from mdsim.observables import local_bond_lengths, local_neighborhoods
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,11 +148,7 @@ def local_observable_gradient(model, samples: Tensor, system, n_local_neighborho
                                 cell=c64, generator=generator)
     with torch.no_grad():
         O = local_bond_lengths(x64, nb, c64)  # (S, L, 2)
-    target = system.ref_bond_lengths.to(torch.float64).mean()
-
-    def loss(mean_obs):
-        return ((mean_obs - target.to(mean_obs)) ** 2).sum()
-
+    loss = squared_error_loss(system.ref_bond_lengths.to(torch.float64).mean())
     z = system.atomic_numbers
 
     def atom_energy_fn(x: Tensor) -> Tensor:

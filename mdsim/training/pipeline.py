@@ -1,12 +1,12 @@
 """One-command pipeline (``configs/quickstart/train.yml``): data → pretraining → StABlE →
-evaluation of pre and post, reusing whatever already exists."""
+evaluation of the models in ``pipeline.evaluate`` (default pre and post; ``[]`` = train only),
+reusing whatever already exists."""
 from __future__ import annotations
 
 import json
 import os
 
-from mdsim.config import PretrainConfig, StableConfig, load_config, to_dict
-from mdsim.config.core import build
+from mdsim.config import PretrainConfig, StableConfig, apply_overrides, build, load_config, to_dict
 
 from . import setup
 
@@ -49,7 +49,19 @@ def ensure_pretrained(cfg: StableConfig, log=print) -> None:
     log(f"pretrained in {res.epochs} epochs ({res.stopped}); best val {res.best_val}")
 
 
+def evaluation_config(cfg: StableConfig, eval_model: str) -> StableConfig:
+    """The evaluation run of ``eval_model`` for a training config: ``train: false``, no pipeline,
+    ``pipeline.simulate_overrides`` (if any) applied on top."""
+    data = to_dict(cfg)
+    data.update({"train": False, "eval_model": eval_model, "pipeline": None})
+    if cfg.pipeline is not None:
+        data = apply_overrides(data, cfg.pipeline.simulate_overrides)
+    return build(StableConfig, data)
+
+
 def run_pipeline(cfg: StableConfig, log=print) -> dict:
+    """Data, pretraining, training, then the evaluations of ``pipeline.evaluate`` (returns
+    their metrics by eval_model; empty when the list is empty: train only)."""
     from .evaluate import run_evaluation
     from .stable import train
 
@@ -58,12 +70,7 @@ def run_pipeline(cfg: StableConfig, log=print) -> dict:
     train(cfg, log=log)
     results = {}
     for em in cfg.pipeline.evaluate:
-        data = to_dict(cfg)
-        data.update({"train": False, "eval_model": em, "pipeline": None})
-        from mdsim.config.core import apply_overrides
-        data = apply_overrides(data, cfg.pipeline.simulate_overrides)
-        ecfg = build(StableConfig, data)
-        out = run_evaluation(ecfg, log=log)
+        out = run_evaluation(evaluation_config(cfg, em), log=log)
         results[em] = json.loads((out / "final_metrics.json").read_text())
         results[em]["folder"] = str(out)
     print_table(results, log)
@@ -74,6 +81,9 @@ def print_table(results: dict, log=print) -> None:
     keys = [("Mean Stability (ps)", "stability (ps)"), ("Std Dev Stability (ps)", "± std"),
             ("Force MAE (eV/A)", "force MAE (eV/Å)"), ("Energy MAE (eV)", "energy MAE (eV)"),
             ("Mean RDF MAE", "RDF MAE"), ("Mean ADF MAE", "ADF MAE"), ("Mean VACF MAE", "VACF MAE")]
+    if not results:
+        log("pipeline.evaluate is empty: trained only, nothing evaluated")
+        return
     names = list(results)
     w = max(16, *(len(n) + 2 for n in names))
     lines = ["", "metric".ljust(20) + "".join(n.rjust(w) for n in names)]

@@ -3,7 +3,6 @@ the run folder.  Pure lookups, no simulation."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from mdsim.config import StableConfig
+from mdsim.config.stable import EVAL_MODEL_RE
 from mdsim.data.format import DataError, SplitData, load_split, split_dir
 from mdsim.md.stability import RDFReference, get_criterion, rdf_reference
 from mdsim.md.system import System
@@ -92,9 +92,6 @@ def pretrained_checkpoint(cfg: StableConfig, size: Optional[str] = None) -> Path
             return c
     raise SetupError("pretrained checkpoint not found; looked for " + ", ".join(str(c) for c in cands)
                      + " (run pretraining.py first or set pretrained_checkpoint)")
-
-
-EVAL_MODEL_RE = re.compile(r"pre|post|\d+k|\d+percent|lmax=\d+|post_cycle(\d+)(?:_epoch(\d+))?")
 
 
 def eval_checkpoint(cfg: StableConfig) -> Path:

@@ -7,7 +7,6 @@ smeared RDF for the loss, the histogram RDF for metrics), so the loss compares l
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from mdsim import observables as obs
 from mdsim.data.format import DataError, SplitData
+from mdsim.estimator import squared_error_loss
 from mdsim.md.system import System
 
 #: frames of the reference split used for the reference RDF (evenly subsampled)
@@ -117,11 +117,7 @@ class TrainingObservable:
 
 
 def training_observable(name: str, oset: ObservableSet, refs: References) -> TrainingObservable:
-    def sq(target):
-        def f(mean):
-            return ((mean - target.to(mean)) ** 2).sum()
-        return f
-
+    sq = squared_error_loss
     if name == "rdf":
         return TrainingObservable(name, oset.rdf_smeared, sq(refs.rdf_smeared))
     if name == "adf":
@@ -135,11 +131,3 @@ def training_observable(name: str, oset: ObservableSet, refs: References) -> Tra
                                   lambda m: obs.imd_hinge_loss(m).sum())
     raise ValueError(f"training_observable {name!r} cannot be matched by the Boltzmann estimator "
                      "(it must be a function of positions: rdf, adf, bond_length_dev or imd)")
-
-
-def squared_error(a: Tensor, b: Tensor) -> float:
-    return float(((a - b.to(a)) ** 2).mean())
-
-
-def nan_to_none(x: float):
-    return None if (x is None or not math.isfinite(x)) else x
