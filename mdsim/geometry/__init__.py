@@ -8,7 +8,7 @@ Shapes: positions ``(..., N, 3)`` with any leading batch dimensions; cells ``Non
 from .distances import (bond_length_deviation, bond_lengths, flatten_batch, intermolecular_pairs,
                         min_intermolecular_distance, ordered_pairs, pair_displacements, pair_distances,
                         reference_bond_lengths)
-from .neighbors import all_pairs_edges, batch_all_pairs_edges, edge_vectors, periodic_edges
+from .neighbors import VerletList, all_pairs_edges, all_pairs_global_index, batch_all_pairs_edges, edge_vectors, periodic_edges
 from .pbc import as_cell, cell_volume, flat_cell, minimum_image, perpendicular_widths
 
 __all__ = [
@@ -16,5 +16,5 @@ __all__ = [
     "bond_length_deviation", "bond_lengths", "flatten_batch", "intermolecular_pairs",
     "min_intermolecular_distance", "ordered_pairs", "pair_displacements", "pair_distances",
     "reference_bond_lengths",
-    "all_pairs_edges", "batch_all_pairs_edges", "edge_vectors", "periodic_edges",
+    "VerletList", "all_pairs_edges", "all_pairs_global_index", "batch_all_pairs_edges", "edge_vectors", "periodic_edges",
 ]

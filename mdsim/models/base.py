@@ -25,6 +25,8 @@ when every structure has the same number of atoms (MD replicas) to skip the host
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -100,12 +102,32 @@ class PotentialModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ graph
+    _neighbors = None  # the active VerletList (set by using_neighbors), None: build per call
+
+    @contextmanager
+    def using_neighbors(self, neighbors):
+        """Use ``neighbors`` (a :class:`~mdsim.geometry.VerletList` whose cutoff covers the
+        model's, built for the positions passed in) for the edges of calls inside the block."""
+        if neighbors is not None and neighbors.cutoff < self.cutoff:
+            raise ModelInputError(f"neighbour list cutoff {neighbors.cutoff} Å is below the model "
+                                  f"cutoff {self.cutoff} Å")
+        old, self._neighbors = self._neighbors, neighbors
+        try:
+            yield self
+        finally:
+            self._neighbors = old
+
     def edges(self, positions: Tensor, batch: Tensor, n_structures: int, cell: Optional[Tensor],
               equal_size: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
-        """Edge list and edge vectors (target − source [+ shift]).
+        """Edge list and edge vectors (target − source [+ shift]), symmetric: ``[half; reversed
+        half]`` (edge p and edge p + E/2 are one pair in opposite directions).
 
-        Molecules: all ordered pairs inside each structure (the model clamps distances at its
-        cutoff).  Periodic: pairs within ``self.cutoff`` from vesin."""
+        Inside :meth:`using_neighbors` (MD): the active :class:`~mdsim.geometry.VerletList`.
+        Otherwise molecules: all pairs inside each structure (the model clamps distances at
+        its cutoff); periodic: pairs within ``self.cutoff`` from vesin."""
+        nl = self._neighbors
+        if nl is not None:
+            return nl.edges(positions, cell)
         if cell is not None:
             edge_index, shifts = periodic_edges(positions, cell.reshape(-1, 3, 3), batch, self.cutoff)
             return edge_index, edge_vectors(positions, edge_index, shifts)

@@ -46,11 +46,11 @@ def triplets(edge_index: Tensor, num_nodes: int, shifts: Optional[Tensor] = None
 @lru_cache(maxsize=32)
 def _all_pairs_triplet_template(n_atoms: int, n_structures: int, device: str) -> Tuple[Tensor, Tensor]:
     """Triplets of ``all_pairs_edges(n_atoms, n_structures)``, cached per device (static)."""
-    from mdsim.geometry import all_pairs_edges
+    from mdsim.geometry import all_pairs_edges, all_pairs_global_index
 
     kj, ji = triplets(all_pairs_edges(n_atoms, 1), n_atoms)
-    off = (torch.arange(n_structures) * (n_atoms * (n_atoms - 1))).repeat_interleave(kj.shape[0])
-    return (kj.repeat(n_structures) + off).to(device), (ji.repeat(n_structures) + off).to(device)
+    glob = lambda local: all_pairs_global_index(local, n_atoms, n_structures).reshape(-1).to(device)  # noqa: E731
+    return glob(kj), glob(ji)
 
 
 @lru_cache(maxsize=8)

@@ -281,18 +281,19 @@ _TEMPLATES: Dict[Tuple[int, int, str], Tuple[Tensor, Tensor, Tensor]] = {}
 
 
 def _all_pairs_template(edge_index: Tensor, n_atoms: int, n_structures: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(idx_kj, idx_ji, rev) of the equal-size all-pairs list (structure-major, the same pair
-    order in every structure), built once from the first structure and cached."""
+    """(idx_kj, idx_ji, rev) of the equal-size all-pairs list, built once from one structure's
+    list and cached (local → global edge ids: :func:`mdsim.geometry.all_pairs_global_index`)."""
     key = (n_atoms, n_structures, str(edge_index.device))
     out = _TEMPLATES.get(key)
     if out is None:
-        e1 = n_atoms * (n_atoms - 1)
-        ei = edge_index[:, :e1]
+        from mdsim.geometry import all_pairs_edges, all_pairs_global_index
+        ei = all_pairs_edges(n_atoms, 1, edge_index.device)
         kj, ji = triplets(ei, n_atoms)
         rev = reverse_edges(ei, n_atoms)
-        off_t = (torch.arange(n_structures, device=ei.device) * e1).repeat_interleave(kj.shape[0])
-        off_e = (torch.arange(n_structures, device=ei.device) * e1).repeat_interleave(e1)
-        out = (kj.repeat(n_structures) + off_t, ji.repeat(n_structures) + off_t, rev.repeat(n_structures) + off_e)
+        glob = lambda local: all_pairs_global_index(local, n_atoms, n_structures)  # noqa: E731
+        rev_g = torch.empty(n_structures * ei.shape[1], dtype=torch.long, device=ei.device)
+        rev_g[glob(torch.arange(ei.shape[1], device=ei.device)).reshape(-1)] = glob(rev).reshape(-1)
+        out = (glob(kj).reshape(-1), glob(ji).reshape(-1), rev_g)
         if len(_TEMPLATES) >= 32:
             del _TEMPLATES[next(iter(_TEMPLATES))]
         _TEMPLATES[key] = out

@@ -4,8 +4,10 @@ Parameter names match the original implementation's checkpoints 1:1 (after strip
 ``module.`` prefix): ``embedding``, ``distance_expansion``, ``interactions.{k}.{mlp,conv,lin}``,
 ``lin1``, ``lin2``.  The forward pass is ours: distances are clamped at the cutoff so that the
 cosine cutoff C(d) = ½(cos(πd/r_c)+1) is exactly zero for every pair at or beyond r_c (this
-makes a static all-pairs graph equivalent to a radius graph), messages are summed with
-``index_add`` and the readout is a per-structure sum of known size (no host sync).
+makes a static all-pairs graph or a padded Verlet list equivalent to a radius graph), the
+filters of all interaction blocks are evaluated together and once per unordered pair (edges come
+as ``[half; reversed half]``), messages are summed with ``index_add`` and the readout is a
+per-structure sum of known size (no host sync).
 """
 from __future__ import annotations
 
@@ -46,23 +48,42 @@ class SchNetModel(PotentialModel):
                        n_structures: int, cell: Optional[Tensor] = None,
                        equal_size: Optional[bool] = None) -> Tensor:
         edge_index, vec = self.edges(positions, batch, n_structures, cell, equal_size)
-        dist = vec.norm(dim=-1).clamp(max=self.cutoff)
+        # edges are [half; reversed half] (PotentialModel.edges): the filter W(d) depends on the
+        # pair distance only, so it is evaluated once per pair and used in both directions
+        p = vec.shape[0] // 2
+        dist = vec[:p].norm(dim=-1).clamp(max=self.cutoff)
         src, dst = edge_index[0], edge_index[1]
-        edge_attr = self.distance_expansion(dist)
-        c = 0.5 * (torch.cos(dist * (math.pi / self.cutoff)) + 1.0)
+        filters = self._filters(dist)  # (interactions, P, F)
         h = self.embedding(atomic_numbers)
         n = h.shape[0]
-        for block in self.interactions:
+        for block, w in zip(self.interactions, filters):
             conv = block.conv
-            w = conv.nn(edge_attr) * c.unsqueeze(-1)
             x = conv.lin1(h)
-            msg = x.index_select(0, src) * w
+            msg = x.index_select(0, src) * torch.cat([w, w], dim=0)
             agg = torch.zeros(n, msg.shape[1], dtype=msg.dtype, device=msg.device).index_add(0, dst, msg)
             x = conv.lin2(agg)
             x = block.lin(block.act(x))
             h = h + x
         out = self.lin2(self.act(self.lin1(h)))
         return out.squeeze(-1)
+
+    def _filters(self, dist: Tensor) -> Tensor:
+        """Continuous filters W_k(d) = (ssp(rbf(d) A_k + a_k) B_k + b_k) · C(d) of all interaction
+        blocks k at once (one GEMM for the first layers, one batched GEMM for the second):
+        the same arithmetic as each block's ``conv.nn`` times the cosine cutoff, fewer and larger
+        kernels.  Returns (K, P, F)."""
+        edge_attr = self.distance_expansion(dist)
+        c = 0.5 * (torch.cos(dist * (math.pi / self.cutoff)) + 1.0)
+        first = [blk.conv.nn[0] for blk in self.interactions]
+        second = [blk.conv.nn[2] for blk in self.interactions]
+        k, f = len(first), first[0].out_features
+        a = torch.cat([m.weight for m in first], dim=0)  # (K·F, G)
+        b = torch.cat([m.bias for m in first], dim=0)
+        hid = self.interactions[0].conv.nn[1](torch.addmm(b, edge_attr, a.t()))  # shifted softplus
+        hid = hid.reshape(-1, k, f).transpose(0, 1)  # (K, P, F)
+        w2 = torch.stack([m.weight.t() for m in second])  # (K, F, F')
+        b2 = torch.stack([m.bias for m in second]).unsqueeze(1)  # (K, 1, F')
+        return torch.baddbmm(b2, hid, w2) * c.unsqueeze(-1)
 
 
 def _no_graph(pos, batch):  # pragma: no cover - never called, our forward builds graphs
