@@ -44,6 +44,7 @@ from mdsim.config import StableConfig, to_dict
 from mdsim.md.forces import ModelForceField
 from mdsim.md.init import initial_state, maxwell_boltzmann_velocities
 from mdsim.md.integrators import make_integrator
+from mdsim.md.rollout import simulate
 from mdsim.md.stability import stability_values
 from mdsim.md.state import MDState
 from mdsim.models.checkpoint import load_model, save_checkpoint
@@ -54,7 +55,6 @@ from .io import resolve_device, write_yaml
 from .learning import (EFLossSettings, apply_update, energy_force_gradient, local_observable_gradient,
                        observable_gradient, sharded_observable_gradient)
 from .pretrain import evaluate
-from .rollout import simulate
 from .targets import ObservableSet, References, squared_error, training_observable
 
 #: earlier start states kept for random resets (the original keeps all; memory grows with epochs)
