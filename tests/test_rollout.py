@@ -64,7 +64,6 @@ def test_compile_backend_one_replica_does_not_fall_back(xtb_data_root, tiny_pret
 def test_check_frames_flags_a_nan_energy_on_its_own_frame():
     from mdsim.md.forces import PotentialForceField
     from mdsim.md.potentials import HarmonicBonds
-    from mdsim.md.rollout import Recorder
     from mdsim.md.runner import Simulator
     from mdsim.md.system import System
 

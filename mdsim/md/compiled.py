@@ -41,7 +41,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from mdsim.md.forces import ForceField, ModelForceField
+from mdsim.md.forces import ForceField, ModelForceField, equal_size_kwargs
 from mdsim.md.integrators import GeneratorLike, Integrator, randn_like_replicas
 from mdsim.md.rollout import BACKENDS, Block, EagerStepper  # noqa: F401  (BACKENDS: the registry)
 from mdsim.md.state import MDState
@@ -80,12 +80,7 @@ class FunctionalForceField(ForceField):
         R, N = self.n_replicas, self.n_atoms
         self._z = self.atomic_numbers.repeat(R)
         self._batch = torch.arange(R, device=self.device).repeat_interleave(N)
-        import inspect
-        try:
-            params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._model_kw = {"equal_size": True} if "equal_size" in params else {}
+        self._model_kw = equal_size_kwargs(model)
         if self._model_kw:  # the static pair list must exist before dynamo traces the model
             from mdsim.models.base import static_all_pairs
             static_all_pairs(N, R, self.device, pin=True)
@@ -272,10 +267,7 @@ class FastStepper:
                 noise = self._draw_block_noise(state, k, generator)
                 for j in range(k):
                     state = self._compiled_step(state, None if noise is None else noise[j])
-                    blk.positions.append(state.positions)
-                    blk.velocities.append(state.velocities)
-                    blk.forces.append(state.forces)
-                    blk.energy.append(state.energy)
+                    blk.append(state)
                 done += k
             return state, blk
 

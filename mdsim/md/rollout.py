@@ -52,6 +52,13 @@ class Block:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def append(self, state: MDState) -> None:
+        """Add the post-step fields of ``state`` (list blocks)."""
+        self.positions.append(state.positions)
+        self.velocities.append(state.velocities)
+        self.forces.append(state.forces)
+        self.energy.append(state.energy)
+
     @property
     def stacked(self) -> bool:
         """True when the fields are (K, ...) tensors (entries are views of one block)."""
@@ -79,10 +86,7 @@ class EagerStepper:
         blk = Block([], [], [], [])
         for _ in range(int(n_steps)):
             state = self.integrator.step(state, self.force_fn, generator)
-            blk.positions.append(state.positions)
-            blk.velocities.append(state.velocities)
-            blk.forces.append(state.forces)
-            blk.energy.append(state.energy)
+            blk.append(state)
         return state, blk
 
     def step(self, state: MDState, generator: GeneratorLike = None) -> MDState:
