@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mdsim.md.integrators import DOF_CONVENTIONS, INTEGRATOR_NAMES
+from mdsim.md.rollout import BACKENDS
 from mdsim.md.runner import Recorder, RunResult, Simulator  # noqa: F401  (public re-export)
 from mdsim.md.stability import CRITERIA as STABILITY_CRITERIA
 
@@ -94,24 +96,35 @@ def build_system(frames: dict, criterion: str, tolerance: float, dtype=torch.flo
 #: defaults of the flags a simulate config can also supply
 DEFAULTS = {"replicas": 1, "steps": 1000, "integrator": "NoseHoover", "temperature": 500.0, "timestep": 0.5,
             "gamma": 0.1, "ttime": 20.0, "n_dump": 100, "seed": 0, "dtype": "float32",
-            "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2}
+            "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2,
+            "md_backend": "eager", "dof_convention": "physical", "ic_stddev": 0.0}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Batched multi-replica MD with a trained potential.")
     p.add_argument("--config-yml", "--config_yml", dest="config_yml", default=None,
                    help="a simulate config (configs/stable_training/*/simulate.yml): supplies the checkpoint "
-                        "(eval_model), initial frames (test split), replicas, steps (steps × n_epochs), integrator, "
-                        "temperature, timestep, n_dump, stability criterion and seed; explicit flags win")
+                        "(eval_model), initial frames (test split), bond reference (train split), replicas, steps "
+                        "(steps × n_epochs), integrator, temperature, timestep, n_dump, stability criterion, seed, "
+                        "md_backend, dof_convention, ic_stddev and the early stop of evaluation "
+                        "(max_frac_unstable_threshold after every `steps`); explicit flags win")
     p.add_argument("--eval_model", default=None, help="with --config-yml: which checkpoint (pre, post, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="with --config-yml: override a config key (repeatable)")
     p.add_argument("--checkpoint", default=None, help="model checkpoint (ours or the original's SchNet)")
     p.add_argument("--init", default=None, help="initial frames: xyz/extxyz file or npz with keys z, R (Å)")
+    p.add_argument("--reference", default=None,
+                   help="frames (same formats as --init) defining bonds and reference bond lengths for the "
+                        "stability criterion (default: the --init frames)")
     p.add_argument("--replicas", type=int, default=None, help="number of replicas R (default 1)")
     p.add_argument("--steps", type=int, default=None, help="MD steps (default 1000)")
     p.add_argument("--integrator", default=None,
-                   choices=["VelocityVerlet", "Langevin", "LangevinOriginal", "NoseHoover"])
+                   choices=INTEGRATOR_NAMES)
+    p.add_argument("--md-backend", dest="md_backend", default=None, choices=BACKENDS,
+                   help="how the steps run: eager (default), compile (torch.compile), cuda_graph (CUDA graphs)")
+    p.add_argument("--dof-convention", dest="dof_convention", default=None, choices=DOF_CONVENTIONS,
+                   help="degrees of freedom of temperature, initial velocities and Nosé–Hoover target: physical "
+                        "(3N−3 when momentum is conserved, default) or original (3N)")
     p.add_argument("--temperature", type=float, default=None, help="K (default 500)")
     p.add_argument("--timestep", type=float, default=None, help="fs (default 0.5)")
     p.add_argument("--gamma", type=float, default=None, help="Langevin friction in 1/ps (default 0.1)")
@@ -121,6 +134,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
+    p.add_argument("--ic-stddev", dest="ic_stddev", type=float, default=None,
+                   help="Gaussian noise added to the initial positions (Å, default 0)")
+    p.add_argument("--stop-fraction", dest="stop_fraction", type=float, default=None,
+                   help="stop once this fraction of replicas is unstable (default: never)")
+    p.add_argument("--stop-every", dest="stop_every", type=int, default=None,
+                   help="steps between looks at --stop-fraction (a multiple of --n-dump; default --n-dump)")
     p.add_argument("--frames", default="first", choices=["first", "random"],
                    help="starting frames: the first R (default) or R random distinct frames")
     p.add_argument("--stability-criterion", default=None,  # the registry's criteria that need no reference data
@@ -146,6 +165,12 @@ def parse_args(argv=None):
         p.error(f"--timestep: expected a positive number of fs, got {args.timestep}")
     if not args.temperature > 0:
         p.error(f"--temperature: expected a positive temperature in K, got {args.temperature}")
+    if args.stop_fraction is not None and not 0 < args.stop_fraction <= 1:
+        p.error(f"--stop-fraction: expected a fraction in (0, 1], got {args.stop_fraction}")
+    if args.stop_every is not None and (args.stop_every < 1 or args.stop_every % args.n_dump):
+        p.error(f"--stop-every: expected a positive multiple of --n-dump ({args.n_dump}), got {args.stop_every}")
+    if args.ic_stddev < 0:
+        p.error(f"--ic-stddev: expected >= 0 Å, got {args.ic_stddev}")
     return args
 
 
@@ -164,12 +189,14 @@ def _apply_config(args) -> None:
     fill = {
         "checkpoint": str(ckpt),
         "init": str(split_dir(cfg.src, cfg.name, cfg.molecule, cfg.size, "test") / "data.npz"),
+        "reference": str(split_dir(cfg.src, cfg.name, cfg.molecule, cfg.size, "train") / "data.npz"),
         "out": str(setup.run_folder(cfg) / "inference" / cfg.eval_model / "md"),
         "replicas": cfg.n_replicas, "steps": cfg.steps * cfg.n_epochs, "integrator": cfg.integrator,
         "temperature": cfg.temperature, "timestep": cfg.timestep, "gamma": cfg.integrator_config.gamma,
         "ttime": cfg.integrator_config.ttime, "n_dump": cfg.n_dump, "seed": cfg.seed,
         "stability_criterion": cfg.stability_criterion, "bond_dev_tol": cfg.bond_dev_tol, "imd_tol": cfg.imd_tol,
-        "dtype": cfg.dtype,
+        "dtype": cfg.dtype, "md_backend": cfg.md_backend, "dof_convention": cfg.dof_convention,
+        "ic_stddev": cfg.ic_stddev, "stop_fraction": cfg.max_frac_unstable_threshold, "stop_every": -(-cfg.steps // cfg.n_dump) * cfg.n_dump,
     }
     for k, v in fill.items():
         if getattr(args, k) is None:  # explicit flags win
@@ -183,8 +210,13 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     frames = load_init_frames(args.init)
+    ref = frames
+    if args.reference:
+        ref = load_init_frames(args.reference)
+        if ref["z"].shape != frames["z"].shape or (ref["z"] != frames["z"]).any():
+            raise SystemExit(f"--reference: {args.reference} holds other atoms than --init {args.init}")
     tol = getattr(args, STABILITY_CRITERIA[args.stability_criterion].tolerance_key)
-    system = build_system(frames, args.stability_criterion, tol, dtype=dtype)
+    system = build_system(ref, args.stability_criterion, tol, dtype=dtype)
     if args.replicas > frames["R"].shape[0]:
         raise SystemExit(f"--replicas: {args.replicas} replicas need at least as many frames, "
                          f"{args.init} has {frames['R'].shape[0]}")
@@ -200,27 +232,31 @@ def main(argv=None) -> int:
     sim = Simulator(model, system, integrator=args.integrator, timestep_fs=args.timestep,
                     temperature_K=args.temperature, integrator_config={"gamma": args.gamma, "ttime": args.ttime},
                     n_dump=args.n_dump, out_dir=args.out, dump_replicas=dump, seed=args.seed, device=device,
-                    dtype=dtype)
-    state = sim.initial_state(frames["R"], args.replicas, mode=args.frames, cells=frames["cell"])
+                    dtype=dtype, md_backend=args.md_backend, dof_convention=args.dof_convention)
+    state = sim.initial_state(frames["R"], args.replicas, mode=args.frames, cells=frames["cell"],
+                              ic_stddev=args.ic_stddev)
     t0 = time.perf_counter()
-    res = sim.run(state, args.steps, progress=not args.no_progress)
+    res = sim.run(state, args.steps, progress=not args.no_progress, stop_fraction=args.stop_fraction,
+                  stop_every=args.stop_every)
+    steps_done = res.extra["steps_done"]
     wall = time.perf_counter() - t0
     sim.close()
     summary = {
         "checkpoint": str(args.checkpoint), "init": str(args.init), "replicas": args.replicas, "steps": args.steps,
         "integrator": args.integrator, "temperature_K": args.temperature, "timestep_fs": args.timestep,
         "stability_criterion": args.stability_criterion, "tolerance": tol, "n_dump": args.n_dump,
+        "md_backend": args.md_backend, "dof_convention": args.dof_convention, "steps_done": steps_done,
         "stable": res.stable.cpu().tolist(), "first_unstable_step": res.first_unstable_step.cpu().tolist(),
         "stability_time_ps": res.stability_time_ps.cpu().tolist(),
         "worst_value": res.tracker.worst_value.cpu().tolist(),
         "mean_temperature_K": float(res.temperature.mean()) if res.temperature.numel() else None,
-        "wall_s": wall, "ms_per_step": 1000 * wall / max(args.steps, 1),
+        "wall_s": wall, "ms_per_step": 1000 * wall / max(steps_done, 1),
     }
     out = Path(args.out)
     (out / "stability.json").write_text(json.dumps(summary, indent=2))
     n_st = int(res.stable.sum())
-    print(f"{n_st}/{args.replicas} replicas stable after {args.steps} steps "
-          f"({args.steps * args.timestep / 1000:.3g} ps); mean stability "
+    print(f"{n_st}/{args.replicas} replicas stable after {steps_done} steps "
+          f"({steps_done * args.timestep / 1000:.3g} ps); mean stability "
           f"{float(res.stability_time_ps.mean()):.3g} ps; {summary['ms_per_step']:.2f} ms/step; output in {out}")
     return 0
 

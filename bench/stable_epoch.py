@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from mdsim.models import build_model, save_checkpoint
     from mdsim.training.learning import (EFLossSettings, apply_update, energy_force_gradient,
                                          observable_gradient)
-    from mdsim.training.rollout import simulate
+    from mdsim.md.rollout import simulate
     from mdsim.training.stable import epoch_observables, new_optimizer, prepare
     from mdsim.training.targets import training_observable
 

@@ -11,7 +11,7 @@ from mdsim.md.forces import ModelForceField, PotentialForceField
 from mdsim.md.integrators import make_integrator
 from mdsim.md.potentials import HarmonicOscillators
 from mdsim.md.state import MDState
-from mdsim.training.rollout import simulate
+from mdsim.md.rollout import simulate
 
 Z = torch.tensor([6, 6, 8, 1, 1, 1, 1, 1, 1])  # ethanol-like
 MASSES = torch.tensor([12.011, 12.011, 15.999] + [1.008] * 6)

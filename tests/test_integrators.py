@@ -155,7 +155,9 @@ def test_nose_hoover_preserves_canonical_ensemble():
     q = nose_hoover_mass(N, T, ttime, dt * FS)
     zeta = torch.randn(R, generator=g, dtype=DT) * math.sqrt(KB * T / (2 * q))
     st = _state(ff, x, v, m, zeta=zeta)
-    integ = make_integrator("NoseHoover", dt, T, {"ttime": ttime})
+    # oscillators tethered to fixed centres: the potential is not translation invariant, the net
+    # momentum is not conserved, all 3N degrees of freedom are thermal ("original" counts 3N)
+    integ = make_integrator("NoseHoover", dt, T, {"ttime": ttime}, dof_convention="original")
     _, ts, kx2 = _sample(integ, st, ff, k, 1500, 500, g)
     s = _canonical_stats(ts, kx2, T, N, R)
     assert abs(s["T"] - 1) < 0.01, s
@@ -170,9 +172,10 @@ def test_nose_hoover_drives_to_target_temperature():
     g = torch.Generator().manual_seed(4)
     ff, m, k, _ = _oscillators(R, N, T, g)
     x = torch.zeros(R, N, 3, dtype=DT)
-    v = maxwell_boltzmann_velocities(m, R, 0.5 * T, g)
+    v = maxwell_boltzmann_velocities(m, R, 0.5 * T, g, dof_convention="original")
     for name, target in (("NoseHoover", 1.0), ("VelocityVerlet", 0.25)):
-        integ = make_integrator(name, 2.0, T, {"ttime": 20})
+        # tethered oscillators: no conserved momentum, 3N thermal degrees of freedom
+        integ = make_integrator(name, 2.0, T, {"ttime": 20}, dof_convention="original")
         _, ts, _ = _sample(integ, _state(ff, x, v, m), ff, k, 3000, 500, g)
         per_replica = ts.mean(0) / T
         assert abs(per_replica.mean().item() - target) < 0.01 * target + 0.005, (name, per_replica)
@@ -238,9 +241,12 @@ def test_maxwell_boltzmann_velocities():
     v = maxwell_boltzmann_velocities(m, 4000, T, g, rescale=False, zero_momentum=False)
     var = v.var(dim=(0, 2))  # per mass
     np.testing.assert_allclose((var * m / (KB * T)).numpy(), 1.0, atol=0.05)
-    v = maxwell_boltzmann_velocities(m, 50, T, g)  # original's default: zero momentum, exact KE
+    v = maxwell_boltzmann_velocities(m, 50, T, g)  # zero momentum, exact KE of its 3N − 3 dof
     p = (m[None, :, None] * v).sum(1)
     assert p.abs().max() < 1e-12
+    ke = 0.5 * (m[None, :, None] * v ** 2).sum((1, 2))
+    torch.testing.assert_close(ke, torch.full_like(ke, 0.5 * (3 * 4 - 3) * KB * T))
+    v = maxwell_boltzmann_velocities(m, 50, T, g, dof_convention="original")  # the original: 3N
     ke = 0.5 * (m[None, :, None] * v ** 2).sum((1, 2))
     torch.testing.assert_close(ke, torch.full_like(ke, 1.5 * 4 * KB * T))
     # seeded

@@ -158,7 +158,8 @@ def test_reset_replicas_restores_finite_stable_states():
     assert torch.equal(new.velocities[keep], st.velocities[keep])
     assert torch.equal(new.zeta[keep], st.zeta[keep]) and torch.all(new.zeta[mask] == 0)
     assert new.step.tolist() == [77] * R  # counters kept
-    torch.testing.assert_close(new.temperature()[mask], torch.full((2,), T, dtype=DT))
+    # fresh velocities with zero net momentum: (3N − 3)/2 kT
+    torch.testing.assert_close(new.temperature(3 * 3 - 3)[mask], torch.full((2,), T, dtype=DT))
     torch.testing.assert_close(new.forces[mask], ff(new.positions[mask])[1])
     # new positions are dataset frames
     for r in torch.nonzero(mask).reshape(-1).tolist():

@@ -8,11 +8,12 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
+from mdsim.md.integrators import DOF_CONVENTIONS, INTEGRATOR_NAMES as INTEGRATORS  # noqa: F401  (registries)
+from mdsim.md.rollout import BACKENDS
 from mdsim.md.stability import CRITERIA as STABILITY_CRITERIA
 
 from .core import ConfigError, option
 
-INTEGRATORS = ("NoseHoover", "Langevin", "LangevinOriginal", "VelocityVerlet")
 CRITERIA = tuple(STABILITY_CRITERIA)  # the registry in mdsim.md.stability
 OBSERVABLES = ("rdf", "imd", "bond_length_dev", "adf", "vacf")
 #: eval_model values (spec §7); groups: cycle and epoch of post_cycle<c>[_epoch<e>]
@@ -72,6 +73,11 @@ class StableConfig:
                             "original's Euler-type scheme, kept for comparison).", choices=INTEGRATORS)
     integrator_config: IntegratorConfig = option(default_factory=IntegratorConfig,
                                                  doc="Integrator parameters.")
+    dof_convention: str = option("physical", "(new) Degrees of freedom g of the kinetic temperature, the "
+                                 "initial velocity rescaling ((g/2)kT) and the Nosé–Hoover target: physical = "
+                                 "3N−3 when the zeroed net momentum is conserved (NoseHoover, VelocityVerlet), "
+                                 "3N under Langevin; original = 3N always, as the original (its NoseHoover then "
+                                 "samples 3N/(3N−3)·T).", choices=DOF_CONVENTIONS)
     timestep: float = option(0.5, "MD timestep (fs).", gt=0.0)
     temperature: float = option(500.0, "Simulation temperature (K).", gt=0.0)
     data_temperature: Optional[float] = option(
@@ -130,7 +136,7 @@ class StableConfig:
     # ---- performance / device
     device: str = option("auto", "(new) cpu, cuda, cuda:N or auto.")
     md_backend: str = option("eager", "(new) eager, compile or cuda_graph MD rollouts.",
-                             choices=("eager", "compile", "cuda_graph"))
+                             choices=BACKENDS)
     dtype: str = option("float32", "(new) Simulation dtype.", choices=("float32", "float64"))
     progress: bool = option(True, "(new) tqdm progress bars.")
     pipeline: Optional["PipelineConfig"] = option(None, "(new) One-command pipeline settings (see below); "

@@ -16,15 +16,16 @@ the whole step one graph:
 :func:`make_tensor_step` turns an integrator and a force function into a pure function of
 tensors, ``(positions, velocities, forces, energy, zeta, step, masses, noise) -> (positions,
 velocities, forces, energy, zeta, step)``, which ``torch.compile(..., fullgraph=True)``
-compiles without graph breaks for the package's SchNet.  :class:`FastStepper` runs blocks of
-steps with one of three backends (config ``md_backend``):
+compiles without graph breaks for the package's SchNet.  :class:`FastStepper` implements the
+stepper interface of :mod:`mdsim.md.rollout` (``run(state, k, generator) -> (state, Block)``)
+for the backends (config ``md_backend``, registry :data:`mdsim.md.rollout.BACKENDS`):
 
-* ``eager``: the integrator as it is (reference);
+* ``eager``: the integrator as it is (reference; :class:`mdsim.md.rollout.EagerStepper`);
 * ``compile``: ``torch.compile`` of one step, called once per step (noise drawn before each
   call);
 * ``cuda_graph``: a block of K steps captured once into a ``torch.cuda.CUDAGraph`` (after
   warm-up on a side stream), replayed with the state copied into static buffers; the block
-  also writes every step's positions, velocities and energies into static (K, ...) buffers, so
+  also writes every step's positions, velocities, forces and energies into static (K, ...) buffers, so
   recording at any stride stays outside the graph.  Recaptured when the model's parameters are
   re-allocated (in-place optimiser updates are seen by the replays).
 
@@ -35,17 +36,15 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from mdsim.md.forces import ForceField, ModelForceField
+from mdsim.md.forces import ForceField, ModelForceField, equal_size_kwargs
 from mdsim.md.integrators import GeneratorLike, Integrator, randn_like_replicas
+from mdsim.md.rollout import BACKENDS, Block, EagerStepper  # noqa: F401  (BACKENDS: the registry)
 from mdsim.md.state import MDState
-
-BACKENDS = ("eager", "compile", "cuda_graph")
 
 #: state fields advanced by a step (the others — masses, cell, stable, replica — are constant)
 STEP_FIELDS = ("positions", "velocities", "forces", "energy", "zeta", "step")
@@ -81,12 +80,7 @@ class FunctionalForceField(ForceField):
         R, N = self.n_replicas, self.n_atoms
         self._z = self.atomic_numbers.repeat(R)
         self._batch = torch.arange(R, device=self.device).repeat_interleave(N)
-        import inspect
-        try:
-            params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._model_kw = {"equal_size": True} if "equal_size" in params else {}
+        self._model_kw = equal_size_kwargs(model)
         if self._model_kw:  # the static pair list must exist before dynamo traces the model
             from mdsim.models.base import static_all_pairs
             static_all_pairs(N, R, self.device, pin=True)
@@ -163,19 +157,6 @@ def _with_fields(state: MDState, values: Sequence[Tensor]) -> MDState:
     return replace(state, **dict(zip(STEP_FIELDS, values)))
 
 
-@dataclass
-class Block:
-    """Per-step outputs of :meth:`FastStepper.run`: ``positions``/``velocities`` (K, R, N, 3),
-    ``energy`` (K, R) — stacked tensors, or lists of K tensors (eager/compile)."""
-
-    positions: Union[Tensor, List[Tensor]]
-    velocities: Union[Tensor, List[Tensor]]
-    energy: Union[Tensor, List[Tensor]]
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-
 def resolve_backend(backend: str, state: MDState, force_fn=None) -> Tuple[str, Optional[str]]:
     """The backend that will actually run and, if it differs, why (one line)."""
     if backend not in BACKENDS:
@@ -243,9 +224,6 @@ class FastStepper:
             raise ValueError(f"state has {state.n_replicas} replicas of {state.n_atoms} atoms; this stepper "
                              f"was built for {self.n_replicas} of {self.n_atoms}")
 
-    def _eager_step(self, state: MDState, generator: GeneratorLike) -> MDState:
-        return self.integrator.step(state, self.eager_force_fn, generator)
-
     def _compiled_step(self, state: MDState, noise: Optional[Tensor]) -> MDState:
         if self.backend == "eager":  # compilation failed earlier
             return self.integrator.step(state, self.eager_force_fn, None, noise=noise)
@@ -279,23 +257,19 @@ class FastStepper:
         with torch.no_grad():
             if self.backend == "cuda_graph":
                 return self._run_graph(state, n_steps, generator)
-            P, V, E = [], [], []
+            if self.backend == "eager":  # resolved or compile failed earlier
+                return EagerStepper(self.integrator, self.eager_force_fn).run(state, n_steps, generator)
+            blk = Block([], [], [], [])
             done = 0
             while done < n_steps:
                 k = min(self.block_steps, n_steps - done)
-                # compile: the block's noise drawn up front (one host-to-device copy), then
-                # indexed per step; eager: the integrator draws it itself
-                noise = self._draw_block_noise(state, k, generator) if self.backend == "compile" else None
+                # the block's noise drawn up front (one host-to-device copy), then indexed per step
+                noise = self._draw_block_noise(state, k, generator)
                 for j in range(k):
-                    if self.backend == "eager" and noise is None:
-                        state = self._eager_step(state, generator)
-                    else:
-                        state = self._compiled_step(state, None if noise is None else noise[j])
-                    P.append(state.positions)
-                    V.append(state.velocities)
-                    E.append(state.energy)
+                    state = self._compiled_step(state, None if noise is None else noise[j])
+                    blk.append(state)
                 done += k
-            return state, Block(P, V, E)
+            return state, blk
 
     # -- CUDA graphs ---------------------------------------------------------------
     def _draw_block_noise(self, state: MDState, k: int, generator: GeneratorLike) -> Optional[Tensor]:
@@ -310,7 +284,7 @@ class FastStepper:
         return torch.stack([self.integrator.draw_noise(state, generator) for _ in range(k)])
 
     def _run_graph(self, state: MDState, n_steps: int, generator: GeneratorLike) -> Tuple[MDState, Block]:
-        P, V, E = [], [], []
+        P, V, F, E = [], [], [], []
         done = 0
         while done < n_steps:
             k = min(self.block_steps, n_steps - done)
@@ -323,17 +297,18 @@ class FastStepper:
                 self.captures += 1
                 self._graphs[k] = block
             noise = self._draw_block_noise(state, k, generator)
-            state, (p, v, e) = block.replay(state, noise)
+            state, (p, v, f, e) = block.replay(state, noise)
             P.append(p)
             V.append(v)
+            F.append(f)
             E.append(e)
             done += k
         if not P:
             empty = state.positions.new_empty((0,) + tuple(state.positions.shape))
-            return state, Block(empty, empty.clone(), state.energy.new_empty((0, self.n_replicas)))
+            return state, Block(empty, empty.clone(), empty.clone(), state.energy.new_empty((0, self.n_replicas)))
         if len(P) == 1:
-            return state, Block(P[0], V[0], E[0])
-        return state, Block(torch.cat(P), torch.cat(V), torch.cat(E))
+            return state, Block(P[0], V[0], F[0], E[0])
+        return state, Block(torch.cat(P), torch.cat(V), torch.cat(F), torch.cat(E))
 
 
 class _CapturedBlock:
@@ -350,6 +325,7 @@ class _CapturedBlock:
         self.out_pos = torch.empty((k,) + tuple(template.positions.shape), dtype=template.positions.dtype,
                                    device=template.positions.device)
         self.out_vel = torch.empty_like(self.out_pos)
+        self.out_forces = torch.empty_like(self.out_pos)
         self.out_energy = torch.empty((k,) + tuple(template.energy.shape), dtype=template.energy.dtype,
                                       device=template.energy.device)
         if emulate:
@@ -375,6 +351,7 @@ class _CapturedBlock:
             vals = self.tensor_step(*vals, self.masses, self.noise[j] if self.stochastic else None)
             self.out_pos[j].copy_(vals[0])
             self.out_vel[j].copy_(vals[1])
+            self.out_forces[j].copy_(vals[2])
             self.out_energy[j].copy_(vals[3])
         for buf, v in zip(self.inputs, vals):  # the graph advances its own state in place
             buf.copy_(v)
@@ -390,7 +367,7 @@ class _CapturedBlock:
         else:
             self.graph.replay()
         new = _with_fields(state, [t.clone() for t in self.inputs])
-        return new, (self.out_pos.clone(), self.out_vel.clone(), self.out_energy.clone())
+        return new, (self.out_pos.clone(), self.out_vel.clone(), self.out_forces.clone(), self.out_energy.clone())
 
 
 # ----------------------------------------------------------------------------- cache

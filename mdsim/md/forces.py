@@ -49,6 +49,17 @@ class PotentialForceField(ForceField):
         return out.detach(), (-g).detach()
 
 
+def equal_size_kwargs(model) -> dict:
+    """``{"equal_size": True}`` for models that take it (the package's PotentialModel: skips a
+    host-side atom count when building the all-pairs graph of equal-size structures), else {}."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return {"equal_size": True} if "equal_size" in params else {}
+
+
 class ModelForceField(ForceField):
     """Wraps a model with the package interface ``model(positions [A,3], atomic_numbers [A],
     batch [A], n_structures, cell [S,3,3]|None) -> energy [S]`` (eV).
@@ -69,14 +80,7 @@ class ModelForceField(ForceField):
         self.dtype = dtype
         self.wrap = bool(wrap)
         self._cache = {}
-        # the package's PotentialModel takes equal_size=True for equal-size structures (skips a
-        # host-side atom count when building the all-pairs graph)
-        import inspect
-        try:
-            params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._model_kw = {"equal_size": True} if "equal_size" in params else {}
+        self._model_kw = equal_size_kwargs(model)
 
     def _inputs(self, R: int, device):
         key = (R, str(device))

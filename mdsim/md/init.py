@@ -7,21 +7,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mdsim.md.integrators import GeneratorLike, randn_like_replicas
-from mdsim.md.state import MDState
+from mdsim.md.integrators import GeneratorLike, degrees_of_freedom, randn_like_replicas
+from mdsim.md.state import MDState, kinetic_energy
 from mdsim.units import KB
 
 
 def maxwell_boltzmann_velocities(masses: Tensor, n_replicas: int, temperature: float,
                                  generator: GeneratorLike = None, rescale: bool = True,
-                                 zero_momentum: bool = True, dtype=None, device=None) -> Tensor:
+                                 zero_momentum: bool = True, dtype=None, device=None,
+                                 dof_convention: str = "physical") -> Tensor:
     """Velocities (R,N,3) in Å/ASE-time drawn from the Maxwell–Boltzmann law of each mass
     (p ~ N(0, m k_BT) per component).
 
-    ``zero_momentum``: subtract the mean momentum per replica (net momentum 0).
-    ``rescale``: scale each replica so its kinetic energy is exactly (3N/2)k_BT, as the original
-    does (its kinetic temperature over 3N degrees of freedom is then exactly T).  Without
-    rescaling the kinetic energy fluctuates canonically.  T = 0 gives zero velocities."""
+    ``zero_momentum``: subtract the centre-of-mass velocity Σmv/Σm from every atom (net
+    momentum 0; each atom's velocity then has variance (1 − m/M)k_BT/m per component, the
+    exact Maxwell–Boltzmann law under the constraint).  ``rescale``: scale each replica so its
+    kinetic energy is exactly (g/2)k_BT with g the degrees of freedom the velocities have
+    (3N − 3 with zero momentum, else 3N; ``dof_convention="original"``: 3N always, as the
+    original, which puts the energy of 3N degrees of freedom into 3N − 3).  Without rescaling
+    the kinetic energy fluctuates canonically.  T = 0 gives zero velocities."""
     masses = torch.as_tensor(masses)
     dtype = dtype or masses.dtype
     device = device or masses.device
@@ -30,14 +34,13 @@ def maxwell_boltzmann_velocities(masses: Tensor, n_replicas: int, temperature: f
     if temperature < 0:
         raise ValueError(f"temperature: expected >= 0 K, got {temperature}")
     xi = randn_like_replicas(torch.empty(n_replicas, N, 3, dtype=dtype, device=device), generator)
-    p = xi * torch.sqrt(m * KB * temperature)
+    v = xi * torch.sqrt(KB * temperature / m)
     if zero_momentum:
-        p = p - p.mean(dim=1, keepdim=True)
-    v = p / m
+        v = v - (m * v).sum(dim=1, keepdim=True) / m.sum()
     if rescale and temperature > 0:
-        ke = 0.5 * (m * v * v).sum(dim=(1, 2))
-        target = 1.5 * N * KB * temperature
-        v = v * torch.sqrt(target / ke)[:, None, None]
+        g = degrees_of_freedom(N, zero_momentum, dof_convention)
+        target = 0.5 * g * KB * temperature
+        v = v * torch.sqrt(target / kinetic_energy(v, m[0, :, 0]))[:, None, None]
     return v
 
 
@@ -60,13 +63,14 @@ def select_frames(n_frames: int, n_replicas: int, mode: str = "first",
 def initial_state(system, frames, force_fn, n_replicas: int, temperature: float,
                   generator: Optional[torch.Generator] = None, mode: str = "first", rescale: bool = True,
                   ic_stddev: float = 0.0, cells=None, dtype=torch.float32, device="cpu",
-                  velocities: Optional[Tensor] = None) -> MDState:
+                  velocities: Optional[Tensor] = None, dof_convention: str = "physical") -> MDState:
     """MDState of ``n_replicas`` replicas starting from dataset ``frames`` (F,N,3) Å.
 
     Frames are picked by :func:`select_frames`; optional Gaussian position noise ``ic_stddev`` (Å);
     Maxwell–Boltzmann velocities (or given ``velocities`` (R,N,3) in ASE units); forces from
     ``force_fn``; ζ = 0.  ``cells`` (F,3,3) per frame, else ``system.cell`` for periodic systems.
-    The same ``generator`` draws frames, noise and velocities, in that order."""
+    The same ``generator`` draws frames, noise and velocities, in that order.
+    ``dof_convention``: see :func:`maxwell_boltzmann_velocities`."""
     frames_t = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
     if frames_t.ndim != 3 or frames_t.shape[1:] != (system.n_atoms, 3):
         raise ValueError(f"frames: expected shape (frames, {system.n_atoms}, 3), got {tuple(frames_t.shape)}")
@@ -82,7 +86,7 @@ def initial_state(system, frames, force_fn, n_replicas: int, temperature: float,
     masses = system.masses.to(device=device, dtype=dtype)
     if velocities is None:
         vel = maxwell_boltzmann_velocities(masses, n_replicas, temperature, generator, rescale=rescale,
-                                           dtype=dtype, device=device)
+                                           dtype=dtype, device=device, dof_convention=dof_convention)
     else:
         vel = torch.as_tensor(velocities).to(device=device, dtype=dtype)
     e, f = force_fn(pos, cell)
@@ -108,14 +112,15 @@ def replace_replicas(state: MDState, mask: Tensor, source: MDState) -> MDState:
 
 def reset_replicas(state: MDState, mask: Tensor, frames, force_fn, temperature: float,
                    generator: Optional[torch.Generator] = None, reset_probability: float = 0.0,
-                   rescale: bool = True, cells=None):
+                   rescale: bool = True, cells=None, dof_convention: str = "physical"):
     """Restart replicas ``mask`` (R,) bool from random dataset ``frames`` (F,N,3) with fresh
     Maxwell–Boltzmann velocities, ζ = 0 and ``stable`` True.
 
     ``reset_probability`` p: additionally restart ceil(p·#stable) randomly chosen replicas outside
     ``mask``.  Step counters and replica ids are kept.  Frames are drawn without replacement
     when there are enough, else with replacement.  ``cells`` (F,3,3) give per-frame cells for
-    periodic systems (else the state's cells are kept).  Returns ``(new_state, reset_mask)``.
+    periodic systems (else the state's cells are kept).  ``dof_convention``: see
+    :func:`maxwell_boltzmann_velocities`.  Returns ``(new_state, reset_mask)``.
     Host-side (counts the replicas to reset); call it between rollouts, not inside a step."""
     import math
 
@@ -152,7 +157,7 @@ def reset_replicas(state: MDState, mask: Tensor, frames, force_fn, temperature: 
         cell[idx] = torch.as_tensor(np.asarray(cells))[fidx].to(device=dev, dtype=dtype)
     vel = state.velocities.clone()
     vel[idx] = maxwell_boltzmann_velocities(state.masses, n, temperature, generator, rescale=rescale,
-                                            dtype=dtype, device=dev)
+                                            dtype=dtype, device=dev, dof_convention=dof_convention)
     e, f = force_fn(pos, cell)
     m3 = mask[:, None, None]
     new = MDState(positions=pos, velocities=vel,

@@ -99,24 +99,28 @@ def langevin_original_step(state: MDState, force_fn: ForceFn, dt: float, tempera
     return _advance(state, positions=x, velocities=v, forces=f, energy=e)
 
 
-def nose_hoover_mass(n_atoms: int, temperature: float, ttime: float, dt: float) -> float:
-    """Thermostat mass Q = 3N k_BT (ttime·dt)² (eV·ASE-time²), as the original."""
-    return 3 * n_atoms * KB * temperature * (ttime * dt) ** 2
+def nose_hoover_mass(n_atoms: int, temperature: float, ttime: float, dt: float, dof: Optional[int] = None) -> float:
+    """Thermostat mass Q = g k_BT (ttime·dt)² (eV·ASE-time²) with g = ``dof`` degrees of
+    freedom (default 3N, the original's)."""
+    g = 3 * n_atoms if dof is None else dof
+    return g * KB * temperature * (ttime * dt) ** 2
 
 
 def nose_hoover_step(state: MDState, force_fn: ForceFn, dt: float, temperature: float, ttime: float = 20.0,
-                     generator: GeneratorLike = None) -> MDState:
+                     generator: GeneratorLike = None, fixed_dof: int = 0) -> MDState:
     """Single Nosé–Hoover thermostat per replica, the original's velocity-Verlet-like scheme:
 
     a = F/m;  x' = x + v dt + (a − ζv) dt²/2;  v½ = v + (dt/2)(a − ζv);  F' = F(x');
     ζ½ = ζ + dt(K₀ − K*)/(2Q);  ζ' = ζ½ + dt(½Σm v½² − K*)/(2Q);
     v' = (v½ + (dt/2)F'/m)/(1 + (dt/2)ζ'),
-    with K₀ = ½Σmv², K* = (3N/2)k_BT, Q = 3N k_BT (ttime·dt)².  ζ is (R,), in 1/ASE-time."""
+    with K₀ = ½Σmv², K* = (g/2)k_BT, Q = g k_BT (ttime·dt)², g = 3N − ``fixed_dof`` (3 when the
+    net momentum is zero and conserved, 0 in the original).  ζ is (R,), in 1/ASE-time."""
     N = state.n_atoms
+    g = 3 * N - fixed_dof if 3 * N > fixed_dof else 3 * N
     m = state.masses.to(state.positions.dtype)[None, :, None]
     im = 1.0 / m
-    k_target = 1.5 * N * KB * temperature
-    q = nose_hoover_mass(N, temperature, ttime, dt)
+    k_target = 0.5 * g * KB * temperature
+    q = nose_hoover_mass(N, temperature, ttime, dt, dof=g)
     zeta = state.zeta.to(state.positions.dtype)
     z3 = zeta[:, None, None]
     v = state.velocities
@@ -132,7 +136,38 @@ def nose_hoover_step(state: MDState, force_fn: ForceFn, dt: float, temperature: 
     return _advance(state, positions=x, velocities=v_new, forces=f, energy=e, zeta=zeta_new)
 
 
-INTEGRATOR_NAMES = ("VelocityVerlet", "Langevin", "LangevinOriginal", "NoseHoover")
+@dataclass(frozen=True)
+class IntegratorSpec:
+    """Registry entry: the step function, whether it draws noise, and whether the dynamics
+    conserves the total momentum (then the zero net momentum set at initialisation stays zero
+    and 3 of the 3N degrees of freedom are frozen)."""
+
+    fn: Callable
+    stochastic: bool
+    conserves_momentum: bool
+
+
+#: the integrators (config ``integrator``, ``simulator.py --integrator``): the one registry
+INTEGRATORS = {
+    "VelocityVerlet": IntegratorSpec(velocity_verlet_step, stochastic=False, conserves_momentum=True),
+    "Langevin": IntegratorSpec(langevin_baoab_step, stochastic=True, conserves_momentum=False),
+    "LangevinOriginal": IntegratorSpec(langevin_original_step, stochastic=True, conserves_momentum=False),
+    "NoseHoover": IntegratorSpec(nose_hoover_step, stochastic=False, conserves_momentum=True),
+}
+INTEGRATOR_NAMES = tuple(INTEGRATORS)
+
+#: degree-of-freedom conventions (config ``dof_convention``): ``physical`` counts 3N − 3 when
+#: the dynamics conserves the (zeroed) net momentum, else 3N; ``original`` counts 3N always
+DOF_CONVENTIONS = ("physical", "original")
+
+
+def degrees_of_freedom(n_atoms: int, conserves_momentum: bool, convention: str = "physical") -> int:
+    """Kinetic degrees of freedom g of ``n_atoms`` atoms (see :data:`DOF_CONVENTIONS`)."""
+    if convention not in DOF_CONVENTIONS:
+        raise ValueError(f"dof_convention: expected one of {DOF_CONVENTIONS}, got {convention!r}")
+    if convention == "original" or not conserves_momentum or n_atoms < 2:
+        return 3 * n_atoms
+    return 3 * n_atoms - 3
 
 
 @dataclass
@@ -146,6 +181,15 @@ class Integrator:
     dt: float
     params: dict = field(default_factory=dict)
     stochastic: bool = False
+    conserves_momentum: bool = False
+    dof_convention: str = "physical"
+
+    def dof(self, n_atoms: int) -> int:
+        """Degrees of freedom g the dynamics has (kinetic temperature 2K/(g k_B), initial
+        velocities rescaled to (g/2)k_BT): 3N − 3 if it conserves the zeroed net momentum
+        (VelocityVerlet, NoseHoover), 3N under Langevin; 3N always with ``dof_convention``
+        ``original``."""
+        return degrees_of_freedom(n_atoms, self.conserves_momentum, self.dof_convention)
 
     @property
     def timestep_fs(self) -> float:
@@ -172,31 +216,38 @@ class Integrator:
 
 
 def make_integrator(name: str, timestep_fs: float, temperature_K: Optional[float] = None,
-                    integrator_config: Optional[dict] = None) -> Integrator:
+                    integrator_config: Optional[dict] = None, dof_convention: str = "physical") -> Integrator:
     """Integrator from config units.
 
-    ``name``: VelocityVerlet | Langevin (BAOAB) | LangevinOriginal (the original's Euler-type
-    scheme) | NoseHoover.  ``integrator_config``: ``gamma`` (ps⁻¹, γ = gamma/(1000 fs), default
-    0.1) for Langevin, ``ttime`` (in timesteps, default 20) for Nosé–Hoover."""
+    ``name``: a key of :data:`INTEGRATORS` — VelocityVerlet | Langevin (BAOAB) |
+    LangevinOriginal (the original's Euler-type scheme) | NoseHoover.  ``integrator_config``:
+    ``gamma`` (ps⁻¹, γ = gamma/(1000 fs), default 0.1) for Langevin, ``ttime`` (in timesteps,
+    default 20) for Nosé–Hoover.  ``dof_convention``: see :data:`DOF_CONVENTIONS` (sets the
+    Nosé–Hoover target and :meth:`Integrator.dof`)."""
     cfg = dict(integrator_config or {})
     if not (isinstance(timestep_fs, (int, float)) and timestep_fs > 0):
         raise ValueError(f"timestep: expected a positive number of fs, got {timestep_fs!r}")
     dt = float(timestep_fs) * FS
-    if name not in INTEGRATOR_NAMES:
+    if name not in INTEGRATORS:
         raise ValueError(f"integrator: expected one of {INTEGRATOR_NAMES}, got {name!r}")
+    if dof_convention not in DOF_CONVENTIONS:
+        raise ValueError(f"dof_convention: expected one of {DOF_CONVENTIONS}, got {dof_convention!r}")
+    spec = INTEGRATORS[name]
     if name != "VelocityVerlet":
         if temperature_K is None or not temperature_K > 0:
             raise ValueError(f"temperature: integrator {name} needs a positive temperature in K, got {temperature_K!r}")
-    if name == "VelocityVerlet":
-        return Integrator(name, velocity_verlet_step, dt)
+    params: dict = {}
     if name in ("Langevin", "LangevinOriginal"):
         gamma_ps = float(cfg.get("gamma", 0.1))
         if gamma_ps < 0:
             raise ValueError(f"integrator_config.gamma: expected a friction >= 0 in 1/ps, got {gamma_ps}")
-        fn = langevin_baoab_step if name == "Langevin" else langevin_original_step
-        return Integrator(name, fn, dt, {"temperature": float(temperature_K), "gamma": gamma_ps / PS},
-                          stochastic=True)
-    ttime = float(cfg.get("ttime", 20.0))
-    if not ttime > 0:
-        raise ValueError(f"integrator_config.ttime: expected a positive number of timesteps, got {ttime}")
-    return Integrator(name, nose_hoover_step, dt, {"temperature": float(temperature_K), "ttime": ttime})
+        params = {"temperature": float(temperature_K), "gamma": gamma_ps / PS}
+    elif name == "NoseHoover":
+        ttime = float(cfg.get("ttime", 20.0))
+        if not ttime > 0:
+            raise ValueError(f"integrator_config.ttime: expected a positive number of timesteps, got {ttime}")
+        params = {"temperature": float(temperature_K), "ttime": ttime}
+        if dof_convention == "physical":
+            params["fixed_dof"] = 3
+    return Integrator(name, spec.fn, dt, params, stochastic=spec.stochastic,
+                      conserves_momentum=spec.conserves_momentum, dof_convention=dof_convention)

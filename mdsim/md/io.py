@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mdsim.units import KB
+from mdsim.md.state import kinetic_temperature
 
 THERMO_HEADER = ("time_fs", "replica", "epot", "ekin", "temperature", "stable")
 
@@ -47,9 +47,10 @@ class ThermoWriter:
         if not (append and exists):
             self._w.writerow(THERMO_HEADER)
 
-    def write(self, time_fs: float, host: dict, n_atoms: int, stable: Optional[np.ndarray] = None) -> None:
+    def write(self, time_fs: float, host: dict, dof: int, stable: Optional[np.ndarray] = None) -> None:
+        """One line per replica; ``dof``: degrees of freedom of the kinetic temperature."""
         stable = host["stable"] if stable is None else stable
-        temp = 2.0 * host["ekin"] / (3 * n_atoms * KB)
+        temp = kinetic_temperature(host["ekin"], dof)
         for r in range(host["energy"].shape[0]):
             self._w.writerow((f"{time_fs:.6g}", int(host["replica"][r]), f"{host['energy'][r]:.10g}",
                               f"{host['ekin'][r]:.10g}", f"{temp[r]:.6g}", int(bool(stable[r]))))

@@ -1,17 +1,18 @@
-"""The composed rollout loop and the public :class:`Simulator`.
+"""The public :class:`Simulator`: batched multi-replica MD of one :class:`System`.
 
 Layering (JAX-MD/TorchSim style): a :class:`~mdsim.md.forces.ForceField` (energy) and an
-:class:`~mdsim.md.integrators.Integrator` (dynamics) are composed by :func:`rollout`, which
-steps a batched :class:`~mdsim.md.state.MDState` and stores requested fields into a
-:class:`Recorder` on the device.  Host work (stability checks, thermo lines, trajectory dumps,
-progress bar) happens only in the ``on_check`` callback every ``check_every`` steps, so the
-steps in between never synchronise with the host.
+:class:`~mdsim.md.integrators.Integrator` (dynamics) make a stepper (backend ``eager``,
+``compile`` or ``cuda_graph``, :func:`mdsim.md.rollout.make_stepper`) that the one rollout
+loop, :func:`mdsim.md.rollout.rollout`, advances in blocks, storing requested fields into a
+:class:`~mdsim.md.rollout.Recorder` on the device.  Host work (stability checks, thermo lines,
+trajectory dumps, progress bar, early stop) happens only between blocks, every
+``check_every`` steps, so the steps in between never synchronise with the host.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -19,88 +20,10 @@ from torch import Tensor
 from mdsim.md.forces import ForceField, as_force_field
 from mdsim.md.init import initial_state, replace_replicas, reset_replicas
 from mdsim.md.integrators import GeneratorLike, Integrator, make_integrator
+from mdsim.md.rollout import MAX_BLOCK_STEPS, RECORDABLE, Recorder, make_stepper, rollout  # noqa: F401
 from mdsim.md.stability import StabilityTracker, stability_values
 from mdsim.md.state import MDState
 from mdsim.md.system import System
-
-RECORDABLE = ("positions", "velocities", "forces", "energy", "accelerations")
-
-
-class Recorder:
-    """Preallocated on-device storage of post-step fields.
-
-    Step k = 1..n_steps of a rollout (k counted from the rollout's start) is stored when
-    ``k > start`` and ``(k − start) % every == 0``; ``every=1, start=eq_steps`` stores every
-    post-step state after equilibration (what the VACF needs), and ``frames(name, stride)`` gives
-    every ``stride``-th stored frame (e.g. ``stride=n_dump`` for the estimator).  Fields:
-    positions, velocities, forces, accelerations (F/m), energy.  Buffers are (T, R, N, 3) or
-    (T, R); ``steps`` (T,) holds the rollout step of each slot."""
-
-    def __init__(self, n_steps: int, every: int = 1, start: int = 0,
-                 fields: Sequence[str] = ("positions", "velocities"), device=None, dtype=None):
-        if every < 1:
-            raise ValueError(f"record_every: expected >= 1, got {every}")
-        if start < 0:
-            raise ValueError(f"record_start (eq_steps): expected >= 0, got {start}")
-        bad = [f for f in fields if f not in RECORDABLE]
-        if bad:
-            raise ValueError(f"record fields: {bad} not in {RECORDABLE}")
-        self.n_steps, self.every, self.start = int(n_steps), int(every), int(start)
-        self.fields = tuple(fields)
-        self.n_frames = max(0, (self.n_steps - self.start) // self.every)
-        self.steps = torch.arange(1, self.n_frames + 1) * self.every + self.start
-        self.device, self.dtype = device, dtype
-        self.buffers: Dict[str, Tensor] = {}
-
-    def slot(self, k: int) -> Optional[int]:
-        """Buffer slot of rollout step k, or None if not recorded (host arithmetic only)."""
-        if k <= self.start or (k - self.start) % self.every:
-            return None
-        s = (k - self.start) // self.every - 1
-        return s if s < self.n_frames else None
-
-    def _value(self, name: str, state: MDState) -> Tensor:
-        if name == "accelerations":
-            return state.forces / state.masses.to(state.forces)[None, :, None]
-        return getattr(state, name)
-
-    def record(self, k: int, state: MDState) -> None:
-        s = self.slot(k)
-        if s is None:
-            return
-        for name in self.fields:
-            v = self._value(name, state).detach()
-            buf = self.buffers.get(name)
-            if buf is None:
-                buf = torch.empty((self.n_frames,) + tuple(v.shape), dtype=self.dtype or v.dtype,
-                                  device=self.device or v.device)
-                self.buffers[name] = buf
-            buf[s].copy_(v)
-
-    def frames(self, name: str, stride: int = 1) -> Tensor:
-        if name not in self.buffers:
-            raise KeyError(f"field {name!r} was not recorded (recorded: {sorted(self.buffers)})")
-        return self.buffers[name][::stride]
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self.frames(name)
-
-
-def rollout(state: MDState, step_fn: Callable[[MDState], MDState], n_steps: int,
-            recorder: Optional[Recorder] = None, check_every: Optional[int] = None,
-            on_check: Optional[Callable[[int, MDState], None]] = None) -> MDState:
-    """Apply ``step_fn`` ``n_steps`` times.  ``recorder.record(k, state)`` after every step k;
-    ``on_check(k, state)`` at k = 0 and every ``check_every`` steps (and at the last step)."""
-    with torch.no_grad():
-        if on_check is not None:
-            on_check(0, state)
-        for k in range(1, n_steps + 1):
-            state = step_fn(state)
-            if recorder is not None:
-                recorder.record(k, state)
-            if on_check is not None and check_every and (k % check_every == 0 or k == n_steps):
-                on_check(k, state)
-    return state
 
 
 @dataclass
@@ -143,20 +66,31 @@ class Simulator:
     (``dump_replicas``: replica ids to write, default all; ``write_trajectory=False`` for thermo
     only).  ``seed``/``generator``: random stream for velocities, frames and Langevin noise.
     ``value_fn``: custom monitored value for stability criteria like ``rdf``.
+    ``md_backend``: eager | compile | cuda_graph (:data:`mdsim.md.rollout.BACKENDS`).
+    ``dof_convention``: physical (default) | original — degrees of freedom of the initial
+    velocities, the Nosé–Hoover target and the reported temperature (docs/differences.md).
     """
 
     def __init__(self, force_field, system: System, integrator: str = "NoseHoover", timestep_fs: float = 0.5,
                  temperature_K: float = 500.0, integrator_config: Optional[dict] = None, n_dump: int = 100,
                  out_dir=None, dump_replicas: Optional[Sequence[int]] = None, write_trajectory: bool = True,
                  seed: Optional[int] = None, generator: GeneratorLike = None, device="cpu",
-                 dtype: torch.dtype = torch.float32, value_fn: Optional[Callable] = None):
+                 dtype: torch.dtype = torch.float32, value_fn: Optional[Callable] = None,
+                 md_backend: str = "eager", dof_convention: str = "physical"):
         if not (isinstance(n_dump, int) and n_dump >= 1):
             raise ValueError(f"n_dump: expected a positive integer number of steps, got {n_dump!r}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.system = system.to(device=self.device, dtype=dtype)
         self.force_field: ForceField = as_force_field(force_field, self.system.atomic_numbers)
-        self.integrator: Integrator = make_integrator(integrator, timestep_fs, temperature_K, integrator_config)
+        self.integrator: Integrator = make_integrator(integrator, timestep_fs, temperature_K, integrator_config,
+                                                      dof_convention=dof_convention)
+        from mdsim.md.rollout import BACKENDS
+        if md_backend not in BACKENDS:
+            raise ValueError(f"md_backend: expected one of {BACKENDS}, got {md_backend!r}")
+        self.md_backend = md_backend
+        self.dof_convention = dof_convention
+        self.dof = self.integrator.dof(self.system.n_atoms)
         self.timestep_fs = float(timestep_fs)
         self.temperature_K = None if temperature_K is None else float(temperature_K)
         self.n_dump = n_dump
@@ -191,14 +125,15 @@ class Simulator:
         g = self.generator if isinstance(self.generator, torch.Generator) else None
         return initial_state(self.system, frames, self.force_field, n_replicas, T, generator=g, mode=mode,
                              rescale=rescale, ic_stddev=ic_stddev, cells=cells, dtype=self.dtype,
-                             device=self.device, velocities=velocities)
+                             device=self.device, velocities=velocities, dof_convention=self.dof_convention)
 
     def reset_replicas(self, state: MDState, mask: Tensor, frames, reset_probability: float = 0.0,
                        rescale: bool = True, cells=None):
         """Restart replicas ``mask`` from random ``frames`` (see :func:`mdsim.md.init.reset_replicas`)."""
         g = self.generator if isinstance(self.generator, torch.Generator) else None
         return reset_replicas(state, mask, frames, self.force_field, self.temperature_K or 0.0, generator=g,
-                              reset_probability=reset_probability, rescale=rescale, cells=cells)
+                              reset_probability=reset_probability, rescale=rescale, cells=cells,
+                              dof_convention=self.dof_convention)
 
     replace_replicas = staticmethod(replace_replicas)
 
@@ -207,15 +142,20 @@ class Simulator:
         return stability_values(positions, self.system, cell=cell, energy=energy, value_fn=self.value_fn)
 
     def check_frames(self, recorder_or_frames, stride: int = 1, tracker: Optional[StabilityTracker] = None,
-                     steps: Optional[Tensor] = None):
+                     steps: Optional[Tensor] = None, energies: Optional[Tensor] = None):
         """Vectorised check of recorded positions (T,R,N,3) (or a Recorder, every ``stride``-th
-        frame).  Updates ``tracker`` if given.  Returns ``(unstable (T,R), value (T,R))``."""
+        frame; its recorded energies are checked too, so a non-finite energy marks its own
+        frame unstable).  ``energies`` (T,R): energies of given frames.  Updates ``tracker``
+        if given.  Returns ``(unstable (T,R), value (T,R))``."""
         if isinstance(recorder_or_frames, Recorder):
             pos = recorder_or_frames.frames("positions", stride)
+            if energies is None and "energy" in recorder_or_frames.buffers:
+                energies = recorder_or_frames.frames("energy", stride)
             steps = recorder_or_frames.steps[::stride] if steps is None else steps
         else:
             pos = recorder_or_frames[::stride]
-        unstable, value = self.check_stability(pos)
+            energies = None if energies is None else energies[::stride]
+        unstable, value = self.check_stability(pos, energy=energies)
         if tracker is not None:
             if steps is None:
                 raise ValueError("check_frames: steps are needed to update a tracker")
@@ -246,22 +186,33 @@ class Simulator:
         self._thermo, self._traj = None, None
 
     # -- the loop -------------------------------------------------------------------------
+    def stepper(self, state: MDState, block_steps: int = MAX_BLOCK_STEPS):
+        """The stepper of ``md_backend`` for ``state`` (cached for compiled backends)."""
+        return make_stepper(self.integrator, self.force_field, state, self.md_backend, block_steps=block_steps)
+
     def run(self, state: MDState, n_steps: int, record: Union[bool, Recorder] = False,
             record_every: Optional[int] = None, record_start: int = 0,
             record_fields: Sequence[str] = ("positions", "velocities"), check_every: Optional[int] = None,
             progress: bool = True, tracker: Optional[StabilityTracker] = None,
-            write: bool = True) -> RunResult:
-        """Integrate ``n_steps`` steps.
+            write: bool = True, stop_fraction: Optional[float] = None,
+            stop_every: Optional[int] = None) -> RunResult:
+        """Integrate ``n_steps`` steps with :func:`mdsim.md.rollout.rollout`.
 
         ``record``: False; True → a :class:`Recorder` storing ``record_fields`` every
         ``record_every`` steps (default ``n_dump``) after ``record_start`` steps; or a Recorder.
         ``check_every`` (default ``n_dump``): stride of stability checks and output, also done
         at step 0 and at the last step.  ``tracker``: continue an existing
         :class:`StabilityTracker` (default: a new one).  ``write``: write files if ``out_dir``.
+        ``stop_fraction``: stop early once this fraction of the replicas is unstable, looked
+        at every ``stop_every`` steps (default ``check_every``; a multiple of it) — the rule
+        of evaluation (``max_frac_unstable_threshold`` after each epoch).
         Steps are counted on ``self.global_step`` (continues across calls)."""
         if not (isinstance(n_steps, int) and n_steps >= 0):
             raise ValueError(f"n_steps: expected a non-negative integer, got {n_steps!r}")
         check_every = check_every or self.n_dump
+        stop_every = stop_every or check_every
+        if stop_fraction is not None and stop_every % check_every:
+            raise ValueError(f"stop_every ({stop_every}) must be a multiple of check_every ({check_every})")
         if isinstance(record, Recorder):
             recorder = record
         elif record:
@@ -284,9 +235,8 @@ class Simulator:
             except ImportError:  # pragma: no cover
                 bar = None
         last = [0]
-        n_atoms = state.n_atoms
 
-        def on_check(k: int, st: MDState) -> None:
+        def on_check(k: int, st: MDState) -> bool:
             gstep = start + k
             unstable, value = self.check_stability(st.positions, cell=st.cell, energy=st.energy)
             tracker.update(unstable, gstep, value)
@@ -296,25 +246,29 @@ class Simulator:
             log["unstable"].append(unstable.detach().cpu())
             log["epot"].append(st.energy.detach().cpu())
             log["ekin"].append(ekin.detach().cpu())
-            log["temperature"].append(st.temperature().detach().cpu())
+            log["temperature"].append(st.temperature(self.dof).detach().cpu())
             if thermo is not None or traj is not None:
                 from mdsim.md.io import state_to_host
                 host = state_to_host(st)
                 stable_now = tracker.stable.cpu().numpy()
                 t_fs = gstep * self.timestep_fs
                 if thermo is not None and not (k == 0 and start > 0):
-                    thermo.write(t_fs, host, n_atoms, stable=stable_now)
+                    thermo.write(t_fs, host, self.dof, stable=stable_now)
                 if traj is not None and not (k == 0 and start > 0):
                     traj.write(t_fs, gstep, host, stable=stable_now)
             if bar is not None:
                 bar.update(k - last[0])
                 bar.set_postfix(unstable=int((~tracker.stable).sum()))
             last[0] = k
+            return (stop_fraction is not None and k > 0 and k % stop_every == 0
+                    and float((~tracker.stable).float().mean()) >= stop_fraction)
 
-        state = rollout(state, self.step, n_steps, recorder, check_every, on_check)
+        stepper = self.stepper(state, min(check_every, MAX_BLOCK_STEPS))
+        with torch.no_grad():
+            state, done = rollout(state, stepper, n_steps, self.generator, recorder, check_every, on_check)
         if bar is not None:
             bar.close()
-        self.global_step = start + n_steps
+        self.global_step = start + done
         from dataclasses import replace as _replace
         state = _replace(state, stable=tracker.stable.to(state.positions.device))
         cat = lambda xs: torch.stack(xs) if xs else torch.empty(0)  # noqa: E731
@@ -324,4 +278,4 @@ class Simulator:
             stability_time_ps=tracker.stability_time_ps(self.global_step, self.timestep_fs),
             check_steps=torch.tensor(log["steps"], dtype=torch.long), check_values=cat(log["values"]),
             check_unstable=cat(log["unstable"]), epot=cat(log["epot"]), ekin=cat(log["ekin"]),
-            temperature=cat(log["temperature"]))
+            temperature=cat(log["temperature"]), extra={"steps_done": done})

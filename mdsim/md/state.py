@@ -7,6 +7,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mdsim.units import KB
+
+
+def kinetic_energy(velocities: Tensor, masses: Tensor) -> Tensor:
+    """(R,) kinetic energy ½Σmv² in eV of velocities (R,N,3) with masses (N,)."""
+    return 0.5 * (masses[None, :, None] * velocities ** 2).sum(dim=(1, 2))
+
+
+def kinetic_temperature(ekin, dof):
+    """Instantaneous kinetic temperature 2K/(g k_B) in K: ``ekin`` in eV (tensor or array),
+    ``dof`` g the degrees of freedom of the dynamics (see
+    :meth:`mdsim.md.integrators.Integrator.dof`).  The one place this is computed."""
+    return 2.0 * ekin / (dof * KB)
+
 
 @dataclass
 class MDState:
@@ -43,12 +57,12 @@ class MDState:
 
     def kinetic_energy(self) -> Tensor:
         """(R,) eV."""
-        return 0.5 * (self.masses[None, :, None] * self.velocities ** 2).sum(dim=(1, 2))
+        return kinetic_energy(self.velocities, self.masses)
 
-    def temperature(self) -> Tensor:
-        """(R,) instantaneous kinetic temperature in K with 3N degrees of freedom."""
-        from mdsim.units import KB
-        return 2.0 * self.kinetic_energy() / (3 * self.n_atoms * KB)
+    def temperature(self, dof: Optional[int] = None) -> Tensor:
+        """(R,) instantaneous kinetic temperature in K over ``dof`` degrees of freedom — pass
+        the integrator's (:meth:`~mdsim.md.integrators.Integrator.dof`); default 3N."""
+        return kinetic_temperature(self.kinetic_energy(), 3 * self.n_atoms if dof is None else dof)
 
     def clone(self) -> "MDState":
         return replace(self, **{f.name: (getattr(self, f.name).clone() if getattr(self, f.name) is not None

@@ -88,7 +88,8 @@ def prepare(cfg: StableConfig, checkpoint: Optional[Path] = None, log=print,
     refs = load_references(cfg, oset, train, log)
     ff = ModelForceField(model, system.atomic_numbers, dtype=dtype)
     integ = make_integrator(cfg.integrator, cfg.timestep, cfg.temperature,
-                            {"ttime": cfg.integrator_config.ttime, "gamma": cfg.integrator_config.gamma})
+                            {"ttime": cfg.integrator_config.ttime, "gamma": cfg.integrator_config.gamma},
+                            dof_convention=cfg.dof_convention)
     return RunContext(cfg, device, dtype, folder, train, test, system, oset, refs, model, ckpt, ckpt_path,
                       ff, integ, KB * cfg.temperature)
 
@@ -120,13 +121,15 @@ def initial_shard(ctx: RunContext, frames, n: int, gen, shard: Shard, mode: str)
     cfg = ctx.cfg
     if shard.lo == 0 and shard.hi == n:
         return initial_state(ctx.system, frames, ctx.force_field, n, cfg.temperature, generator=gen,
-                             mode=mode, ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device)
+                             mode=mode, ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device,
+                             dof_convention=cfg.dof_convention)
 
     def no_forces(pos, cell):
         return torch.zeros(pos.shape[0], dtype=pos.dtype, device=pos.device), torch.zeros_like(pos)
 
     full = initial_state(ctx.system, frames, no_forces, n, cfg.temperature, generator=gen, mode=mode,
-                         ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device)
+                         ic_stddev=cfg.ic_stddev, dtype=ctx.dtype, device=ctx.device,
+                         dof_convention=cfg.dof_convention)
     st = shard.local(full).clone()
     st.energy, st.forces = ctx.force_field(st.positions, st.cell)
     return st

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from mdsim import observables as obs
 from mdsim.config import StableConfig, to_dict
+from mdsim.md.rollout import simulate
 from mdsim.md.stability import StabilityTracker, stability_values
 from mdsim.units import KCAL_MOL
 
 from . import distributed, setup
 from .io import write_json, write_yaml
 from .pretrain import evaluate as ef_errors
-from .rollout import simulate
 from .context import EF_TEST_FRAMES, Shard, initial_shard, md_integrator, prepare, quiet
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from mdsim.config import StableConfig, to_dict
 from mdsim.estimator import mean_squared_error
 from mdsim.md.init import maxwell_boltzmann_velocities
+from mdsim.md.rollout import simulate
 from mdsim.md.stability import get_criterion, stability_values
 from mdsim.md.state import MDState
 
@@ -53,7 +54,6 @@ from .learning import (EFLossSettings, apply_update, energy_force_gradient, loca
 from .phases import END_CYCLE, SIMULATED, START_LEARNING, Event, PhaseRules, next_phase
 from .pretrain import evaluate
 from .resume import ResumeState, check_resumable
-from .rollout import simulate
 from .targets import training_observable
 
 #: earlier start states kept for random resets (the original keeps all; memory grows with epochs)
@@ -83,7 +83,8 @@ def restart_replicas(ctx: RunContext, target: MDState, mask: torch.Tensor, sourc
         return target
     fresh = source.clone()
     fresh.velocities = maxwell_boltzmann_velocities(ctx.system.masses, shard.total, ctx.cfg.temperature, gen,
-                                                  dtype=ctx.dtype, device=ctx.device)[shard.lo:shard.hi]
+                                                  dtype=ctx.dtype, device=ctx.device,
+                                                  dof_convention=ctx.cfg.dof_convention)[shard.lo:shard.hi]
     fresh.zeta = torch.zeros_like(fresh.zeta)
     fresh.energy, fresh.forces = ctx.force_field(fresh.positions, fresh.cell)
     return where_replicas(mask[shard.lo:shard.hi], fresh, target)
