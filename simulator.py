@@ -97,7 +97,7 @@ def build_system(frames: dict, criterion: str, tolerance: float, dtype=torch.flo
 DEFAULTS = {"replicas": 1, "steps": 1000, "integrator": "NoseHoover", "temperature": 500.0, "timestep": 0.5,
             "gamma": 0.1, "ttime": 20.0, "n_dump": 100, "seed": 0, "dtype": "float32",
             "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2,
-            "md_backend": "eager", "dof_convention": "physical", "ic_stddev": 0.0}
+            "md_backend": "eager", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.5}
 
 
 def parse_args(argv=None):
@@ -122,6 +122,9 @@ def parse_args(argv=None):
                    choices=INTEGRATOR_NAMES)
     p.add_argument("--md-backend", dest="md_backend", default=None, choices=BACKENDS,
                    help="how the steps run: eager (default), compile (torch.compile), cuda_graph (CUDA graphs)")
+    p.add_argument("--neighbor-skin", dest="neighbor_skin", type=float, default=None,
+                   help="Verlet neighbour-list skin in Å for models that support it (SchNet; default 0.5); "
+                        "a negative value uses the static all-pairs graph")
     p.add_argument("--dof-convention", dest="dof_convention", default=None, choices=DOF_CONVENTIONS,
                    help="degrees of freedom of temperature, initial velocities and Nosé–Hoover target: physical "
                         "(3N−3 when momentum is conserved, default) or original (3N)")
@@ -196,7 +199,7 @@ def _apply_config(args) -> None:
         "ttime": cfg.integrator_config.ttime, "n_dump": cfg.n_dump, "seed": cfg.seed,
         "stability_criterion": cfg.stability_criterion, "bond_dev_tol": cfg.bond_dev_tol, "imd_tol": cfg.imd_tol,
         "dtype": cfg.dtype, "md_backend": cfg.md_backend, "dof_convention": cfg.dof_convention,
-        "ic_stddev": cfg.ic_stddev, "stop_fraction": cfg.max_frac_unstable_threshold, "stop_every": -(-cfg.steps // cfg.n_dump) * cfg.n_dump,
+        "neighbor_skin": -1.0 if cfg.neighbor_skin is None else cfg.neighbor_skin, "ic_stddev": cfg.ic_stddev, "stop_fraction": cfg.max_frac_unstable_threshold, "stop_every": -(-cfg.steps // cfg.n_dump) * cfg.n_dump,
     }
     for k, v in fill.items():
         if getattr(args, k) is None:  # explicit flags win
@@ -232,7 +235,8 @@ def main(argv=None) -> int:
     sim = Simulator(model, system, integrator=args.integrator, timestep_fs=args.timestep,
                     temperature_K=args.temperature, integrator_config={"gamma": args.gamma, "ttime": args.ttime},
                     n_dump=args.n_dump, out_dir=args.out, dump_replicas=dump, seed=args.seed, device=device,
-                    dtype=dtype, md_backend=args.md_backend, dof_convention=args.dof_convention)
+                    dtype=dtype, md_backend=args.md_backend, dof_convention=args.dof_convention,
+                    neighbor_skin=None if args.neighbor_skin < 0 else args.neighbor_skin)
     state = sim.initial_state(frames["R"], args.replicas, mode=args.frames, cells=frames["cell"],
                               ic_stddev=args.ic_stddev)
     t0 = time.perf_counter()

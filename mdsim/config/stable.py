@@ -137,6 +137,10 @@ class StableConfig:
     device: str = option("auto", "(new) cpu, cuda, cuda:N or auto.")
     md_backend: str = option("eager", "(new) eager, compile or cuda_graph MD rollouts.",
                              choices=BACKENDS)
+    neighbor_skin: Optional[float] = option(0.5, "(new) Verlet neighbour-list skin (Å) of the MD force field for "
+                                            "models that support it (SchNet): pairs within cutoff + skin, "
+                                            "rebuilt when an atom has moved more than skin/2; forces equal the "
+                                            "all-pairs ones. null: the static all-pairs graph.", min=0.0)
     dtype: str = option("float32", "(new) Simulation dtype.", choices=("float32", "float64"))
     progress: bool = option(True, "(new) tqdm progress bars.")
     pipeline: Optional["PipelineConfig"] = option(None, "(new) One-command pipeline settings (see below); "

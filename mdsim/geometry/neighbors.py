@@ -171,21 +171,22 @@ class VerletList:
         return 0 if self.pairs is None else int(self.pairs.shape[1])
 
     # ------------------------------------------------------------------ host side
-    def needs_rebuild(self, positions: Tensor, cell: Optional[Tensor] = None) -> bool:
-        """True if the list is missing, the shape/cell changed, or an atom moved > skin/2."""
+    def needs_rebuild(self, positions: Tensor, cell: Optional[Tensor] = None, margin: float = 0.0) -> bool:
+        """True if the list is missing, the shape/cell changed, or an atom moved more than
+        ``skin/2 − margin`` since the build."""
         if self.ref_positions is None or self.ref_positions.shape != positions.shape:
             return True
         if (cell is None) != (self.ref_cell is None):
             return True
         if cell is not None and not torch.equal(cell.detach(), self.ref_cell):
             return True
-        disp = (positions.detach() - self.ref_positions).norm(dim=-1).max()
-        return bool(disp > 0.5 * self.skin)
+        disp = (positions.detach() - self.ref_positions.to(positions.dtype)).norm(dim=-1).max()
+        return bool(disp > 0.5 * self.skin - margin)
 
-    def update(self, positions: Tensor, cell: Optional[Tensor] = None) -> bool:
+    def update(self, positions: Tensor, cell: Optional[Tensor] = None, margin: float = 0.0) -> bool:
         """Rebuild if needed (host decision).  positions (R, N, 3); cell (R, 3, 3) or None.
         Returns True if it rebuilt."""
-        if not self.needs_rebuild(positions, cell):
+        if not self.needs_rebuild(positions, cell, margin):
             return False
         self.build(positions, cell)
         return True

@@ -209,6 +209,11 @@ class FastStepper:
         self.compile_options = dict(backend=compile_backend, mode=compile_mode, fullgraph=fullgraph,
                                     dynamic=False)
         self.force_fn = force_fn
+        # the eager force field's Verlet list (if any) serves the compiled step too: the stepper
+        # activates it around every compiled call and decides rebuilds on the host (_step_nl)
+        self.neighbors = getattr(force_fn, "neighbors", None)
+        if self.backend == "cuda_graph":
+            self.neighbors = None  # graphs of K steps keep the static all-pairs graph
         if self.backend != "eager" and isinstance(force_fn, ModelForceField):
             self.force_fn = functional_force_fn(force_fn.model, force_fn.atomic_numbers, self.n_replicas,
                                                 dtype=force_fn.dtype, device=self.device)
@@ -217,12 +222,32 @@ class FastStepper:
         self._compile_checked = False
         self._graphs: Dict[int, "_CapturedBlock"] = {}
         self.captures = 0  # CUDA graphs captured so far (diagnostics)
+        self.redone_steps = 0  # compiled steps redone after a Verlet-list violation (diagnostics)
 
     # -- helpers ----------------------------------------------------------------------
     def _check(self, state: MDState) -> None:
         if (state.n_replicas, state.n_atoms) != (self.n_replicas, self.n_atoms):
             raise ValueError(f"state has {state.n_replicas} replicas of {state.n_atoms} atoms; this stepper "
                              f"was built for {self.n_replicas} of {self.n_atoms}")
+
+    def _step_nl(self, state: MDState, noise: Optional[Tensor]) -> MDState:
+        """One compiled step with the Verlet list kept exact: rebuilt on the host before the
+        step when an atom is within a margin of ``skin/2`` of its build position; after the
+        step the displacement at the new positions (where the new forces were evaluated) is
+        checked, and a violated step is redone from its start with a list rebuilt there (same
+        noise, so the result is what an exact list gives)."""
+        nl = self.neighbors
+        if nl is None:
+            return self._compiled_step(state, noise)
+        nl.update(state.positions, state.cell, margin=0.2 * nl.skin)
+        with self.force_fn.model.using_neighbors(nl):
+            new = self._compiled_step(state, noise)
+        if nl.needs_rebuild(new.positions, new.cell):
+            nl.build(state.positions, state.cell)
+            self.redone_steps += 1
+            with self.force_fn.model.using_neighbors(nl):
+                new = self._compiled_step(state, noise)
+        return new
 
     def _compiled_step(self, state: MDState, noise: Optional[Tensor]) -> MDState:
         if self.backend == "eager":  # compilation failed earlier
@@ -266,7 +291,7 @@ class FastStepper:
                 # the block's noise drawn up front (one host-to-device copy), then indexed per step
                 noise = self._draw_block_noise(state, k, generator)
                 for j in range(k):
-                    state = self._compiled_step(state, None if noise is None else noise[j])
+                    state = self._step_nl(state, None if noise is None else noise[j])
                     blk.append(state)
                 done += k
             return state, blk

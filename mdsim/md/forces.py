@@ -7,6 +7,7 @@ the structures of one batch).  Integrators only see the ``force_fn`` callable
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -60,6 +61,22 @@ def equal_size_kwargs(model) -> dict:
     return {"equal_size": True} if "equal_size" in params else {}
 
 
+def make_neighbor_list(model, skin: Optional[float]):
+    """A :class:`~mdsim.geometry.VerletList` for ``model`` with ``skin`` (Å), or None when
+    ``skin`` is None or the model does not support neighbour lists."""
+    if skin is None or not getattr(model, "supports_neighbor_list", False):
+        return None
+    from mdsim.geometry import VerletList
+    return VerletList(float(model.cutoff), float(skin))
+
+
+def neighbors_of(model, neighbors):
+    """Context in which ``model`` takes its edges from ``neighbors`` (no-op for None)."""
+    if neighbors is None:
+        return contextlib.nullcontext()
+    return model.using_neighbors(neighbors)
+
+
 class ModelForceField(ForceField):
     """Wraps a model with the package interface ``model(positions [A,3], atomic_numbers [A],
     batch [A], n_structures, cell [S,3,3]|None) -> energy [S]`` (eV).
@@ -67,10 +84,19 @@ class ModelForceField(ForceField):
     All R replicas go through one model call as R structures.  Forces are −∂E/∂x by autograd;
     outputs are detached unless ``create_graph``.  Energies keep the model's output dtype.  ``dtype`` is the model's dtype (positions are
     cast to it and results cast back).  With a cell, positions are wrapped into the box before
-    the model sees them when ``wrap=True`` (energies/forces are invariant)."""
+    the model sees them when ``wrap=True`` (energies/forces are invariant).
+
+    ``neighbor_skin`` (Å, config ``neighbor_skin``): for models that support it
+    (``model.supports_neighbor_list``, SchNet), edges come from a
+    :class:`~mdsim.geometry.VerletList` within ``cutoff + skin`` that is rebuilt only when an
+    atom has moved more than ``skin/2`` since the last build (checked here, at the positions the
+    forces are evaluated at, so forces equal the all-pairs ones to rounding).  ``None`` (or a
+    model without support): the static all-pairs graph (molecules) / a fresh vesin list per call
+    (periodic)."""
 
     def __init__(self, model, atomic_numbers: Tensor, create_graph: bool = False,
-                 dtype: Optional[torch.dtype] = None, wrap: bool = True):
+                 dtype: Optional[torch.dtype] = None, wrap: bool = True,
+                 neighbor_skin: Optional[float] = None):
         self.model = model
         self.atomic_numbers = torch.as_tensor(atomic_numbers, dtype=torch.long).reshape(-1)
         self.create_graph = bool(create_graph)
@@ -81,6 +107,7 @@ class ModelForceField(ForceField):
         self.wrap = bool(wrap)
         self._cache = {}
         self._model_kw = equal_size_kwargs(model)
+        self.neighbors = make_neighbor_list(model, neighbor_skin)
 
     def _inputs(self, R: int, device):
         key = (R, str(device))
@@ -100,9 +127,12 @@ class ModelForceField(ForceField):
         dtype = self.dtype or out_dtype
         z, batch = self._inputs(R, positions.device)
         c = None if cell is None else cell.to(dtype)
-        with torch.enable_grad():
+        nl = self.neighbors
+        with torch.enable_grad(), neighbors_of(self.model, nl):
             pos = positions.detach().to(dtype)
-            if c is not None and self.wrap:
+            if nl is not None:  # a Verlet list is built on unwrapped positions: never wrap
+                nl.update(pos, c)
+            elif c is not None and self.wrap:
                 pos = wrap_positions(pos, c)
             pos = pos.reshape(R * N, 3).requires_grad_(True)
             energy = self.model(pos, z, batch, R, c, **self._model_kw)
@@ -116,15 +146,16 @@ class ModelForceField(ForceField):
         return energy, forces.to(out_dtype)
 
 
-def as_force_field(obj, atomic_numbers: Optional[Tensor] = None) -> ForceField:
-    """A ForceField from a ForceField, a ``torch.nn.Module`` model (needs ``atomic_numbers``) or
-    a potential callable."""
+def as_force_field(obj, atomic_numbers: Optional[Tensor] = None,
+                   neighbor_skin: Optional[float] = None) -> ForceField:
+    """A ForceField from a ForceField, a ``torch.nn.Module`` model (needs ``atomic_numbers``;
+    ``neighbor_skin`` as :class:`ModelForceField`) or a potential callable."""
     if isinstance(obj, ForceField):
         return obj
     if isinstance(obj, torch.nn.Module):
         if atomic_numbers is None:
             raise ValueError("wrapping a model needs the atomic_numbers of the system")
-        return ModelForceField(obj, atomic_numbers)
+        return ModelForceField(obj, atomic_numbers, neighbor_skin=neighbor_skin)
     if callable(obj):
         return PotentialForceField(obj)
     raise TypeError(f"force_field: expected a ForceField, a model or a callable, got {type(obj).__name__}")

@@ -67,6 +67,8 @@ class Simulator:
     only).  ``seed``/``generator``: random stream for velocities, frames and Langevin noise.
     ``value_fn``: custom monitored value for stability criteria like ``rdf``.
     ``md_backend``: eager | compile | cuda_graph (:data:`mdsim.md.rollout.BACKENDS`).
+    ``neighbor_skin``: Verlet-list skin (Å) when a model is passed (see
+    :class:`~mdsim.md.forces.ModelForceField`; None: all-pairs graph).
     ``dof_convention``: physical (default) | original — degrees of freedom of the initial
     velocities, the Nosé–Hoover target and the reported temperature (docs/differences.md).
     """
@@ -76,13 +78,14 @@ class Simulator:
                  out_dir=None, dump_replicas: Optional[Sequence[int]] = None, write_trajectory: bool = True,
                  seed: Optional[int] = None, generator: GeneratorLike = None, device="cpu",
                  dtype: torch.dtype = torch.float32, value_fn: Optional[Callable] = None,
-                 md_backend: str = "eager", dof_convention: str = "physical"):
+                 md_backend: str = "eager", dof_convention: str = "physical",
+                 neighbor_skin: Optional[float] = 0.5):
         if not (isinstance(n_dump, int) and n_dump >= 1):
             raise ValueError(f"n_dump: expected a positive integer number of steps, got {n_dump!r}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.system = system.to(device=self.device, dtype=dtype)
-        self.force_field: ForceField = as_force_field(force_field, self.system.atomic_numbers)
+        self.force_field: ForceField = as_force_field(force_field, self.system.atomic_numbers, neighbor_skin)
         self.integrator: Integrator = make_integrator(integrator, timestep_fs, temperature_K, integrator_config,
                                                       dof_convention=dof_convention)
         from mdsim.md.rollout import BACKENDS

@@ -103,6 +103,9 @@ class PotentialModel(nn.Module):
 
     # ------------------------------------------------------------------ graph
     _neighbors = None  # the active VerletList (set by using_neighbors), None: build per call
+    #: whether the model's forward is exact with a padded Verlet list (padded slots carry edge
+    #: vectors beyond the cutoff); models that build triplets/reverse edges from the list say no
+    supports_neighbor_list = False
 
     @contextmanager
     def using_neighbors(self, neighbors):

@@ -22,6 +22,9 @@ from .base import PotentialModel
 
 class SchNetModel(PotentialModel):
     model_name = "schnet"
+    #: MD may pass a padded Verlet list (PotentialModel.using_neighbors): padded slots are
+    #: out-of-range pairs, which the clamped cosine cutoff zeroes with zero gradient
+    supports_neighbor_list = True
 
     def __init__(self, hidden_channels: int = 64, num_filters: int = 64, num_interactions: int = 6,
                  num_gaussians: int = 25, cutoff: float = 5.0, max_num_neighbors: int = 32):
