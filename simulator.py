@@ -97,7 +97,7 @@ def build_system(frames: dict, criterion: str, tolerance: float, dtype=torch.flo
 DEFAULTS = {"replicas": 1, "steps": 1000, "integrator": "NoseHoover", "temperature": 500.0, "timestep": 0.5,
             "gamma": 0.1, "ttime": 20.0, "n_dump": 100, "seed": 0, "dtype": "float32",
             "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2,
-            "md_backend": "eager", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.5}
+            "md_backend": "auto", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.5}
 
 
 def parse_args(argv=None):
@@ -121,7 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--integrator", default=None,
                    choices=INTEGRATOR_NAMES)
     p.add_argument("--md-backend", dest="md_backend", default=None, choices=BACKENDS,
-                   help="how the steps run: eager (default), compile (torch.compile), cuda_graph (CUDA graphs)")
+                   help="how the steps run: auto (default: compile on a CPU for runs of >= 10000 steps, cuda_graph on "
+                        "CUDA, else eager), eager, compile (torch.compile), cuda_graph (CUDA graphs)")
     p.add_argument("--neighbor-skin", dest="neighbor_skin", type=float, default=None,
                    help="Verlet neighbour-list skin in Å for models that support it (SchNet; default 0.5); "
                         "a negative value uses the static all-pairs graph")

@@ -29,8 +29,38 @@ from torch import Tensor
 from mdsim.md.integrators import GeneratorLike
 from mdsim.md.state import MDState, kinetic_energy, kinetic_temperature
 
-#: the MD backends (config ``md_backend``, ``simulator.py --md-backend``): the one registry
-BACKENDS = ("eager", "compile", "cuda_graph")
+#: the MD backends (config ``md_backend``, ``simulator.py --md-backend``): the one registry.
+#: ``auto`` resolves to one of the others (:func:`resolve_auto_backend`).
+BACKENDS = ("auto", "eager", "compile", "cuda_graph")
+
+#: ``auto`` compiles on a CPU only when the run plans at least this many steps: compiling the
+#: SchNet aspirin step takes ~1 min on 2 cores and saves a few ms per step (BENCHMARKS.md)
+AUTO_COMPILE_MIN_STEPS = 10_000
+_AUTO_LOGGED: set = set()
+
+
+def resolve_auto_backend(state: MDState, force_fn=None, planned_steps: Optional[int] = None) -> Tuple[str, str]:
+    """The backend ``md_backend: auto`` runs, and why (one line): periodic systems and plain
+    potentials → eager; molecules with a model on CUDA → cuda_graph; on a CPU → compile when
+    ``planned_steps`` (None: unknown, taken as long) ≥ :data:`AUTO_COMPILE_MIN_STEPS`, else eager
+    (compilation would not pay).  A compile failure falls back to eager later, with a warning."""
+    dev = state.positions.device.type
+    if state.cell is not None:
+        return "eager", "periodic system (host-side neighbour lists)"
+    if getattr(force_fn, "model", None) is None:
+        return "eager", "no learned model to compile"
+    if dev == "cuda":
+        return "cuda_graph", "CUDA device, molecule"
+    if planned_steps is not None and planned_steps < AUTO_COMPILE_MIN_STEPS:
+        return "eager", f"{planned_steps} planned steps < {AUTO_COMPILE_MIN_STEPS}: compiling would not pay"
+    return "compile", f"{dev}, molecule, {'long' if planned_steps is None else planned_steps} planned steps"
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _AUTO_LOGGED:
+        _AUTO_LOGGED.add(msg)
+        import sys
+        print(msg, file=sys.stderr, flush=True)
 
 #: default steps per block of a rollout (bounds the per-step outputs held at once)
 MAX_BLOCK_STEPS = 200
@@ -94,7 +124,8 @@ class EagerStepper:
 
 
 def make_stepper(integrator, force_fn, state: MDState, backend: str = "eager",
-                 block_steps: int = MAX_BLOCK_STEPS, compile_backend: str = "inductor", **options):
+                 block_steps: int = MAX_BLOCK_STEPS, compile_backend: str = "inductor",
+                 planned_steps: Optional[int] = None, **options):
     """A stepper for ``backend`` (one of :data:`BACKENDS`).  ``compile``/``cuda_graph`` give a
     cached :class:`mdsim.md.compiled.FastStepper` (see :func:`mdsim.md.compiled.get_stepper`),
     or an :class:`EagerStepper` where they fall back to eager (periodic systems; a warning is
@@ -102,6 +133,9 @@ def make_stepper(integrator, force_fn, state: MDState, backend: str = "eager",
     ``warmup_steps``, ``emulate_graph``)."""
     if backend not in BACKENDS:
         raise ValueError(f"md_backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend, why = resolve_auto_backend(state, force_fn, planned_steps)
+        _log_once(f"md_backend auto → {backend} ({why})")
     if backend != "eager":
         from mdsim.md.compiled import get_stepper
         stepper = get_stepper(integrator, force_fn, state, backend, compile_backend=compile_backend,
@@ -273,7 +307,7 @@ def simulate(integrator, force_fn, state: MDState, steps: int, n_dump: int, eq_s
              vstride: int = 1, generator=None, record_velocities: bool = True,
              progress: bool = False, desc: str = "MD", backend: str = "eager",
              compile_backend: str = "inductor", block_steps: Optional[int] = None,
-             stepper_options: Optional[dict] = None) -> tuple:
+             stepper_options: Optional[dict] = None, planned_steps: Optional[int] = None) -> tuple:
     """One epoch: advance all replicas ``steps`` steps.  Returns (final state,
     :class:`EpochRecord`).
 
@@ -287,6 +321,7 @@ def simulate(integrator, force_fn, state: MDState, steps: int, n_dump: int, eq_s
     Recording, stability and resets stay on the host side, between blocks."""
     k = block_steps if block_steps is not None else min(max(int(n_dump), 1), MAX_BLOCK_STEPS)
     stepper = make_stepper(integrator, force_fn, state, backend, block_steps=k, compile_backend=compile_backend,
+                           planned_steps=planned_steps,
                            **(stepper_options or {}))
     rec = EpochRecorder(n_dump, eq_steps, vstride, record_velocities, state.masses,
                         dof_of(integrator, state.n_atoms))

@@ -66,7 +66,8 @@ class Simulator:
     (``dump_replicas``: replica ids to write, default all; ``write_trajectory=False`` for thermo
     only).  ``seed``/``generator``: random stream for velocities, frames and Langevin noise.
     ``value_fn``: custom monitored value for stability criteria like ``rdf``.
-    ``md_backend``: eager | compile | cuda_graph (:data:`mdsim.md.rollout.BACKENDS`).
+    ``md_backend``: auto | eager | compile | cuda_graph (:data:`mdsim.md.rollout.BACKENDS`;
+    auto: :func:`mdsim.md.rollout.resolve_auto_backend`).
     ``neighbor_skin``: Verlet-list skin (Å) when a model is passed (see
     :class:`~mdsim.md.forces.ModelForceField`; None: all-pairs graph).
     ``dof_convention``: physical (default) | original — degrees of freedom of the initial
@@ -78,7 +79,7 @@ class Simulator:
                  out_dir=None, dump_replicas: Optional[Sequence[int]] = None, write_trajectory: bool = True,
                  seed: Optional[int] = None, generator: GeneratorLike = None, device="cpu",
                  dtype: torch.dtype = torch.float32, value_fn: Optional[Callable] = None,
-                 md_backend: str = "eager", dof_convention: str = "physical",
+                 md_backend: str = "auto", dof_convention: str = "physical",
                  neighbor_skin: Optional[float] = 0.5):
         if not (isinstance(n_dump, int) and n_dump >= 1):
             raise ValueError(f"n_dump: expected a positive integer number of steps, got {n_dump!r}")
@@ -189,9 +190,11 @@ class Simulator:
         self._thermo, self._traj = None, None
 
     # -- the loop -------------------------------------------------------------------------
-    def stepper(self, state: MDState, block_steps: int = MAX_BLOCK_STEPS):
-        """The stepper of ``md_backend`` for ``state`` (cached for compiled backends)."""
-        return make_stepper(self.integrator, self.force_field, state, self.md_backend, block_steps=block_steps)
+    def stepper(self, state: MDState, block_steps: int = MAX_BLOCK_STEPS, planned_steps: Optional[int] = None):
+        """The stepper of ``md_backend`` for ``state`` (cached for compiled backends;
+        ``planned_steps`` informs ``auto``)."""
+        return make_stepper(self.integrator, self.force_field, state, self.md_backend, block_steps=block_steps,
+                            planned_steps=planned_steps)
 
     def run(self, state: MDState, n_steps: int, record: Union[bool, Recorder] = False,
             record_every: Optional[int] = None, record_start: int = 0,
@@ -266,7 +269,7 @@ class Simulator:
             return (stop_fraction is not None and k > 0 and k % stop_every == 0
                     and float((~tracker.stable).float().mean()) >= stop_fraction)
 
-        stepper = self.stepper(state, min(check_every, MAX_BLOCK_STEPS))
+        stepper = self.stepper(state, min(check_every, MAX_BLOCK_STEPS), planned_steps=n_steps)
         with torch.no_grad():
             state, done = rollout(state, stepper, n_steps, self.generator, recorder, check_every, on_check)
         if bar is not None:

@@ -71,7 +71,8 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     epochs_run = 0
     for epoch in tqdm(range(cfg.n_epochs), desc=f"eval {cfg.eval_model}", disable=not (cfg.progress and main)):
         state, rec = simulate(integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
-                              oset.vacf_stride, md_gen, backend=cfg.md_backend)
+                              oset.vacf_stride, md_gen, backend=cfg.md_backend,
+                              planned_steps=cfg.steps * cfg.n_epochs)
         epochs_run += 1
         unstable_fr, _ = stability_values(rec.frames, ctx.system, energy=rec.energies)
         was_stable = tracker.stable.clone()

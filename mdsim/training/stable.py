@@ -242,7 +242,7 @@ class StableLoop:
         start = self.shard.local(self.learn_start).clone() if from_cycle_start else self.state
         end, rec = simulate(self.integrator, ctx.force_field, start.clone(), cfg.steps, cfg.n_dump,
                             cfg.eq_steps, ctx.oset.vacf_stride, self.md_gen, progress=False,
-                            backend=cfg.md_backend)
+                            backend=cfg.md_backend, planned_steps=cfg.steps * cfg.n_epochs)
         unstable_fr, values = stability_values(rec.frames, ctx.system, energy=rec.energies)
         unstable = comm.all_gather_cat(unstable_fr.any(dim=0), self.sizes)  # all replicas
         if not self.phase.learning:
