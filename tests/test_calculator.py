@@ -10,8 +10,10 @@ from ase.calculators.calculator import CalculatorSetupError
 from mdsim.calculator import StableCalculator
 from mdsim.models import batch_from_frames, build_model, energy_and_forces, save_checkpoint
 
-PRETRAINED = Path("/work/shared/reference/original_stable_checkpoints/schnet_aspirin_1k_pretrained/best_checkpoint.pt")
-ASPIRIN = Path("/work/shared/data/xtb_aspirin_500K.npz")
+from conftest import SHARED  # noqa: E402
+
+PRETRAINED = SHARED / "reference/original_stable_checkpoints/schnet_aspirin_1k_pretrained/best_checkpoint.pt"
+ASPIRIN = SHARED / "data/xtb_aspirin_500K.npz"
 
 
 def _water_atoms(L=5.0, seed=0):
@@ -79,7 +81,7 @@ def test_calculator_bad_setup(tmp_path):
         atoms.get_potential_energy()
 
 
-@pytest.mark.skipif(not (PRETRAINED.is_file() and ASPIRIN.is_file()), reason="/work/shared not available")
+@pytest.mark.skipif(not (PRETRAINED.is_file() and ASPIRIN.is_file()), reason="shared data/checkpoints not available")
 def test_calculator_with_original_schnet_checkpoint():
     from mdsim.models import load_model
 

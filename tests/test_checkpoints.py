@@ -11,13 +11,13 @@ from mdsim.models import (CheckpointError, batch_from_frames, build_model, energ
 from mdsim.models.checkpoint import load_checkpoint_dict, load_weights
 from mdsim.units import KCAL_MOL
 
-SHARED = Path("/work/shared")
+from conftest import SHARED  # noqa: E402
 ORIG = SHARED / "reference" / "original_stable_checkpoints"
 PRETRAINED = ORIG / "schnet_aspirin_1k_pretrained" / "best_checkpoint.pt"
 STABLE = ORIG / "schnet_aspirin_1k_stable" / "ckpt.pt"
 ASPIRIN = SHARED / "data" / "xtb_aspirin_500K.npz"
 needs_shared = pytest.mark.skipif(not (PRETRAINED.is_file() and ASPIRIN.is_file()),
-                                  reason="/work/shared reference checkpoints/data not available")
+                                  reason="shared reference checkpoints/data not available")
 
 SMALL = {
     "schnet": dict(hidden_channels=8, num_filters=8, num_interactions=2, num_gaussians=6, cutoff=4.0),

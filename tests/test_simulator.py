@@ -17,7 +17,7 @@ from mdsim.units import FS
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared")
+from conftest import SHARED  # noqa: E402
 CKPT = SHARED / "reference/original_stable_checkpoints/schnet_aspirin_1k_pretrained/best_checkpoint.pt"
 ASPIRIN = SHARED / "data/xtb_aspirin_500K.npz"
 

@@ -9,7 +9,9 @@ from mdsim.data.format import DataError, SplitData, load_metadata, load_split
 from mdsim.units import KCAL_MOL
 
 pytestmark = pytest.mark.filterwarnings("ignore::mdsim.data.splits.SplitWarning")
-SHARED = Path("/work/shared/data/xtb_aspirin_500K.npz")
+from conftest import SHARED as _SHARED_DIR  # noqa: E402
+
+SHARED = _SHARED_DIR / "data" / "xtb_aspirin_500K.npz"
 
 
 def test_paper_split_sizes():

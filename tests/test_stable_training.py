@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED
 import torch
 
 from mdsim.config import StableConfig, load_config
@@ -109,7 +110,7 @@ def test_original_pretrained_checkpoint_is_accepted(xtb_data_root, tmp_path):
     """The original's pretrained SchNet checkpoint (config['model'] is a plain string) passes the
     compatibility check and is refused for another model."""
     from mdsim.training.setup import check_compatible
-    ck = ROOT.parent / "shared/reference/original_stable_checkpoints/schnet_aspirin_1k_pretrained/best_checkpoint.pt"
+    ck = SHARED / "reference/original_stable_checkpoints/schnet_aspirin_1k_pretrained/best_checkpoint.pt"
     if not ck.is_file():
         pytest.skip("../shared absent")
     from mdsim.data.format import load_split, split_dir
