@@ -121,8 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--integrator", default=None,
                    choices=INTEGRATOR_NAMES)
     p.add_argument("--md-backend", dest="md_backend", default=None, choices=BACKENDS,
-                   help="how the steps run: auto (default: compile on a CPU for runs of >= 10000 steps, cuda_graph on "
-                        "CUDA, else eager), eager, compile (torch.compile), cuda_graph (CUDA graphs)")
+                   help="how the steps run: auto (default: compile on a CPU for runs of >= 2e7 atom-steps, "
+                        "cuda_graph on CUDA, else eager), eager, compile (torch.compile), cuda_graph (CUDA graphs)")
     p.add_argument("--neighbor-skin", dest="neighbor_skin", type=float, default=None,
                    help="Verlet neighbour-list skin in Å for models that support it (SchNet; default 0.5); "
                         "a negative value uses the static all-pairs graph")

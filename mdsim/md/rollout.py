@@ -33,17 +33,19 @@ from mdsim.md.state import MDState, kinetic_energy, kinetic_temperature
 #: ``auto`` resolves to one of the others (:func:`resolve_auto_backend`).
 BACKENDS = ("auto", "eager", "compile", "cuda_graph")
 
-#: ``auto`` compiles on a CPU only when the run plans at least this many steps: compiling the
-#: SchNet aspirin step takes ~1 min on 2 cores and saves a few ms per step (BENCHMARKS.md)
-AUTO_COMPILE_MIN_STEPS = 10_000
+#: ``auto`` compiles on a CPU only when the run plans at least this much work (steps × replicas ×
+#: atoms): compiling a SchNet step takes about a minute on 2 cores and saves a fraction of a
+#: microsecond per atom-step (BENCHMARKS.md), so short runs are faster eager
+AUTO_COMPILE_MIN_ATOM_STEPS = 20_000_000
 _AUTO_LOGGED: set = set()
 
 
 def resolve_auto_backend(state: MDState, force_fn=None, planned_steps: Optional[int] = None) -> Tuple[str, str]:
     """The backend ``md_backend: auto`` runs, and why (one line): periodic systems and plain
     potentials → eager; molecules with a model on CUDA → cuda_graph; on a CPU → compile when
-    ``planned_steps`` (None: unknown, taken as long) ≥ :data:`AUTO_COMPILE_MIN_STEPS`, else eager
-    (compilation would not pay).  A compile failure falls back to eager later, with a warning."""
+    ``planned_steps`` × replicas × atoms (None: unknown, taken as long) ≥
+    :data:`AUTO_COMPILE_MIN_ATOM_STEPS`, else eager (compilation would not pay).  A compile
+    failure falls back to eager later, with a warning."""
     dev = state.positions.device.type
     if state.cell is not None:
         return "eager", "periodic system (host-side neighbour lists)"
@@ -51,9 +53,11 @@ def resolve_auto_backend(state: MDState, force_fn=None, planned_steps: Optional[
         return "eager", "no learned model to compile"
     if dev == "cuda":
         return "cuda_graph", "CUDA device, molecule"
-    if planned_steps is not None and planned_steps < AUTO_COMPILE_MIN_STEPS:
-        return "eager", f"{planned_steps} planned steps < {AUTO_COMPILE_MIN_STEPS}: compiling would not pay"
-    return "compile", f"{dev}, molecule, {'long' if planned_steps is None else planned_steps} planned steps"
+    work = None if planned_steps is None else planned_steps * state.n_replicas * state.n_atoms
+    if work is not None and work < AUTO_COMPILE_MIN_ATOM_STEPS:
+        return "eager", (f"{work:.3g} planned atom-steps < {AUTO_COMPILE_MIN_ATOM_STEPS:.3g}: "
+                         "compiling would not pay")
+    return "compile", f"{dev}, molecule, {'unknown' if work is None else f'{work:.3g}'} planned atom-steps"
 
 
 def _log_once(msg: str) -> None:
