@@ -125,10 +125,7 @@ def analyse(out: Path, dest: Path) -> dict:
                 res["not_run"].append(f"{label} at {temp} K")
                 continue
             runs[(key, temp)] = load_eval(d)
-    for temp in TEMPERATURES:
-        here = {k: r for (k, t), r in runs.items() if t == temp}
-        if not here:
-            continue
+    for temp, here in by_temperature(runs):
         horizons = sorted({r["horizon"] for r in here.values()})
         horizon = horizons[0]  # RMST to a common horizon (the shortest, if they differ)
         base = here.get(BASELINE)
@@ -281,15 +278,28 @@ def label_of(key):
     return dict(MODELS)[key]
 
 
+def by_temperature(runs):
+    """(temperature, {model key: run}) for the temperatures that have runs."""
+    for temp in TEMPERATURES:
+        here = {k: r for (k, t), r in runs.items() if t == temp}
+        if here:
+            yield temp, here
+
+
+def _finish(plt, fig, ax, title, path):
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def fig_km(runs, res, fig_dir: Path):
     plt = _plt()
-    for temp in TEMPERATURES:
-        here = [(k, r) for (k, t), r in runs.items() if t == temp]
-        if not here:
-            continue
+    for temp, here in by_temperature(runs):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for key, _ in MODELS:
-            r = dict(here).get(key)
+            r = here.get(key)
             if r is None:
                 continue
             km = stats.kaplan_meier(r["times"], r["events"])
@@ -308,41 +318,28 @@ def fig_km(runs, res, fig_dir: Path):
         ax.set_xlabel("time (ps)")
         ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"Langevin {temp} K, bond deviation < 0.5 Å (95 % log-log bands)", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(fig_dir / f"km_{temp}K.png", dpi=130)
-        plt.close(fig)
+        _finish(plt, fig, ax, f"Langevin {temp} K, bond deviation < 0.5 Å (95 % log-log bands)",
+                fig_dir / f"km_{temp}K.png")
 
 
 def fig_hist(runs, fig_dir: Path):
     plt = _plt()
-    for temp in TEMPERATURES:
-        here = [(k, r) for (k, t), r in runs.items() if t == temp]
-        if not here:
-            continue
+    for temp, here in by_temperature(runs):
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        hmax = max(r["horizon"] for _, r in here)
-        bins = np.linspace(0, hmax, 31)
+        bins = np.linspace(0, max(r["horizon"] for r in here.values()), 31)
         for key, _ in MODELS:
-            r = dict(here).get(key)
-            if r is not None:
-                ax.hist(r["times"], bins=bins, histtype="step", lw=1.5, color=COLORS[key], label=label_of(key))
+            if key in here:
+                ax.hist(here[key]["times"], bins=bins, histtype="step", lw=1.5, color=COLORS[key], label=label_of(key))
         ax.set_xlabel("stability time (ps); the last bin holds the censored replicas")
         ax.set_ylabel("replicas")
-        ax.set_title(f"Stability times at {temp} K", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(fig_dir / f"stability_hist_{temp}K.png", dpi=130)
-        plt.close(fig)
+        _finish(plt, fig, ax, f"Stability times at {temp} K", fig_dir / f"stability_hist_{temp}K.png")
 
 
 def fig_observables(runs, fig_dir: Path):
     from mdsim import observables as obs
     plt = _plt()
-    for temp in TEMPERATURES:
-        here = [(k, r) for (k, t), r in runs.items() if t == temp]
-        ref = next((r for _, r in here if r["gt_rdf"] is not None), None)
+    for temp, here in by_temperature(runs):
+        ref = next((r for r in here.values() if r["gt_rdf"] is not None), None)
         if ref is None:
             continue
         cfg = ref["config"]
@@ -360,8 +357,7 @@ def fig_observables(runs, fig_dir: Path):
             xx = np.arange(g.size) if x is None else x
             ax.plot(xx, g, "k-", lw=2.2, label="xTB reference")
             for key, _ in MODELS:
-                r = dict(here).get(key)
-                v = None if r is None else r[k]
+                v = here[key][k] if key in here else None
                 if v is None or not np.isfinite(v).any():
                     continue
                 with warnings.catch_warnings(), np.errstate(invalid="ignore"):
