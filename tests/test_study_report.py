@@ -124,6 +124,7 @@ def test_horizon_rule(tmp_path):
     assert horizon.horizon(d, 20, 3, 100) == 20
     assert horizon.horizon(d, 20, 10, 100) == 30
     assert horizon.horizon(d, 20, 10, 25) == 25
+    assert horizon.horizon(d, 0.4, 0.5, 5, epoch_ps=0.2) == pytest.approx(1.6)  # 1.5 ps -> 8 epochs of 0.2
     # median not reached within the pilot (4 of 6 stable at 20 ps): the pilot length stands in
     d2 = fake_eval(tmp_path / "b", "pilot_qm_1k_700K", [1.0, 2.0, 20, 20, 20, 20], 4, 20, rng)
     assert horizon.horizon(d2, 20, 3, 100) == 60

@@ -11,7 +11,7 @@
 #               (schnet_aspirin_1k_pretrained/best_checkpoint.pt, schnet_aspirin_1k_stable/ckpt.pt;
 #               default data/original_stable_checkpoints); skipped when absent.
 #   --skip-10k  no QM(10k) baseline.
-#   --quick     the same stages at small scale (3-block SchNet, few epochs, 16 replicas, ~1-2 ps
+#   --quick     the same stages at small scale (3-block SchNet, few epochs, 8 replicas, 0.4-0.6 ps
 #               horizons) into out_quick/; report into out_quick/report/. A smoke test of the
 #               pipeline, not a result.
 #
@@ -24,8 +24,8 @@
 # Interrupted? Rerun the same command: pretraining and StABlE training resume from their last
 # epoch; an evaluation has no resume and reruns whole (minutes to hours, see README.md).
 # Horizon (ps) at T: HORIZON_<T>K if set, else max(HORIZON_MIN, HORIZON_FACTOR x the pilot's
-# Kaplan–Meier median), capped at HORIZON_MAX; stored in out/horizon_<T>K.txt and reused. The
-# evaluation runs themselves are never used to choose it.
+# Kaplan–Meier median) in whole evaluation epochs (1 ps), capped at HORIZON_MAX; stored in
+# out/horizon_<T>K.txt and reused. The evaluation runs themselves are never used to choose it.
 # Logs: out/logs/<stage>.log; wall times: out/timings.tsv. Small outputs (checkpoints < 1 MB,
 # per-evaluation metrics and stability times) are copied to checkpoints/ and results/ (tracked;
 # --quick: out_quick/checkpoints, out_quick/report); run.sh does not commit them.
@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
         --skip-10k) SKIP10K=1 ;;
         --data) RAW=${2:?--data needs a path}; shift ;;
         --original) ORIG=${2:?--original needs a folder}; shift ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "run.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -55,19 +55,21 @@ XTB_FRAMES=${XTB_FRAMES:-20000}
 
 if [ $QUICK = 1 ]; then
     OUT=$E/out_quick DEST=$E/out_quick/report CKPT=$E/out_quick/checkpoints
-    # small scale: 3 interaction blocks, few epochs, 16 replicas (8 in the pilot), short horizons
-    PRE_Q=(--set model.num_interactions=3 --set optim.max_epochs=4)
+    # small scale: 3 interaction blocks, few epochs, 8 replicas, reference observables from the
+    # 1k split, evaluation epochs of 0.2 ps checked every 10 fs, horizons of 0.4-0.6 ps
+    PRE_Q=(--set model.num_interactions=3 --set optim.max_epochs=3)
     PRE10_Q=(--set model.num_interactions=3 --set optim.max_epochs=1)
-    STABLE_Q=(--set n_replicas=16 --set steps=400 --set n_dump=20 --set n_epochs=6)
-    EVAL_Q=(--set n_replicas=16)
-    PILOT_REPLICAS=8 PILOT_PS=${PILOT_PS:-1}
-    HORIZON_MIN=${HORIZON_MIN:-1} HORIZON_FACTOR=${HORIZON_FACTOR:-3} HORIZON_MAX=${HORIZON_MAX:-2}
+    STABLE_Q=(--set n_replicas=8 --set steps=200 --set n_dump=20 --set n_epochs=4 --set max_size=1k)
+    EVAL_Q=(--set n_replicas=8 --set steps=400 --set n_dump=20 --set max_size=1k)
+    EPOCH_PS=0.2 PILOT_REPLICAS=4 PILOT_PS=${PILOT_PS:-0.4}
+    HORIZON_MIN=${HORIZON_MIN:-0.4} HORIZON_FACTOR=${HORIZON_FACTOR:-3} HORIZON_MAX=${HORIZON_MAX:-0.6}
 else
     OUT=$E/out DEST=$E CKPT=$E/checkpoints
     PRE_Q=() PRE10_Q=() STABLE_Q=() EVAL_Q=()
-    PILOT_REPLICAS=16 PILOT_PS=${PILOT_PS:-20}
+    EPOCH_PS=1 PILOT_REPLICAS=16 PILOT_PS=${PILOT_PS:-20}   # configs/eval.yml: steps 2000 x 0.5 fs
     HORIZON_MIN=${HORIZON_MIN:-20} HORIZON_FACTOR=${HORIZON_FACTOR:-3} HORIZON_MAX=${HORIZON_MAX:-100}
 fi
+epochs() { awk -v h="$1" -v e="$EPOCH_PS" 'BEGIN { n = int(h / e + 0.5); print (n < 1 ? 1 : n) }'; }
 PILOT_SEED=1001   # the evaluations use seed 7 (configs/eval.yml)
 mkdir -p "$OUT/logs" "$OUT/done" "$CKPT" "$DEST/results/evals"
 TIMES=$OUT/timings.tsv
@@ -140,13 +142,14 @@ EVAL=(python stable_training.py --config-yml "$CFG/eval.yml" "${ST_PATHS[@]}" "$
 for T in 500 700; do
     stage "pilot_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "exp_name=pilot_qm_1k_${T}K" \
         --set "pretrained_checkpoint=$(ckpt_of qm_1k)" --set "seed=$PILOT_SEED" \
-        --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$PILOT_PS"
+        --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$PILOT_PS")"
     var=HORIZON_${T}K
     if [ -n "${!var:-}" ]; then
         echo "${!var}" > "$OUT/horizon_${T}K.txt"
     elif [ ! -f "$OUT/horizon_${T}K.txt" ]; then
         python "$E/horizon.py" "$(ls -d "$OUT"/evals/schnet_aspirin_pilot_qm_1k_${T}K_*/inference/pre | head -n 1)" \
-            --min "$HORIZON_MIN" --factor "$HORIZON_FACTOR" --max "$HORIZON_MAX" > "$OUT/horizon_${T}K.txt"
+            --min "$HORIZON_MIN" --factor "$HORIZON_FACTOR" --max "$HORIZON_MAX" --epoch-ps "$EPOCH_PS" \
+            > "$OUT/horizon_${T}K.txt"
     fi
     echo "horizon at $T K: $(cat "$OUT/horizon_${T}K.txt") ps"
 done
@@ -155,7 +158,7 @@ done
 for M in "${MODELS[@]}"; do
     for T in 500 700; do
         H=$(cat "$OUT/horizon_${T}K.txt")
-        stage "eval_${M}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$H" \
+        stage "eval_${M}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$(epochs "$H")" \
             --set "exp_name=${M}_${T}K" --set "pretrained_checkpoint=$(ckpt_of "$M")"
         dst=$DEST/results/evals/${M}_${T}K
         if [ ! -f "$dst/final_metrics.json" ]; then
