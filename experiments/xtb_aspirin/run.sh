@@ -11,7 +11,7 @@
 #               (schnet_aspirin_1k_pretrained/best_checkpoint.pt, schnet_aspirin_1k_stable/ckpt.pt;
 #               default data/original_stable_checkpoints); skipped when absent.
 #   --skip-10k  no QM(10k) baseline.
-#   --quick     the same stages at small scale (3-block SchNet, few epochs, 8 replicas, 0.4-0.6 ps
+#   --quick     the same stages at small scale (3-block SchNet, few epochs, 4-8 replicas, 0.4 ps
 #               horizons) into out_quick/; report into out_quick/report/. A smoke test of the
 #               pipeline, not a result.
 #
@@ -55,14 +55,15 @@ XTB_FRAMES=${XTB_FRAMES:-20000}
 
 if [ $QUICK = 1 ]; then
     OUT=$E/out_quick DEST=$E/out_quick/report CKPT=$E/out_quick/checkpoints
-    # small scale: 3 interaction blocks, few epochs, 8 replicas, reference observables from the
-    # 1k split, evaluation epochs of 0.2 ps checked every 10 fs, horizons of 0.4-0.6 ps
+    # small scale: 3 interaction blocks, few epochs, 8 StABlE / 4 evaluation replicas, reference
+    # observables from the 1k split, evaluation epochs of 0.2 ps checked every 10 fs, 0.4 ps horizons
+    # (estimated <= 45 min on 2 cores: README.md)
     PRE_Q=(--set model.num_interactions=3 --set optim.max_epochs=3)
     PRE10_Q=(--set model.num_interactions=3 --set optim.max_epochs=1)
     STABLE_Q=(--set n_replicas=8 --set steps=200 --set n_dump=20 --set n_epochs=4 --set max_size=1k)
-    EVAL_Q=(--set n_replicas=8 --set steps=400 --set n_dump=20 --set max_size=1k)
+    EVAL_Q=(--set n_replicas=4 --set steps=400 --set n_dump=20 --set max_size=1k)
     EPOCH_PS=0.2 PILOT_REPLICAS=4 PILOT_PS=${PILOT_PS:-0.4}
-    HORIZON_MIN=${HORIZON_MIN:-0.4} HORIZON_FACTOR=${HORIZON_FACTOR:-3} HORIZON_MAX=${HORIZON_MAX:-0.6}
+    HORIZON_MIN=${HORIZON_MIN:-0.4} HORIZON_FACTOR=${HORIZON_FACTOR:-3} HORIZON_MAX=${HORIZON_MAX:-0.4}
 else
     OUT=$E/out DEST=$E CKPT=$E/checkpoints
     PRE_Q=() PRE10_Q=() STABLE_Q=() EVAL_Q=()
@@ -95,7 +96,7 @@ export_ckpt() {  # export_ckpt SRC NAME — small loadable copy in $CKPT (checke
         || { echo "exporting $1 failed (see $OUT/logs/export.log)" >&2; exit 1; }
 }
 
-report() { python "$E/report.py" --out "$OUT" --dest "$DEST" > "$OUT/logs/report.log" 2>&1 \
+report() { python "$E/report.py" --out "$OUT" --dest "$DEST" --no-figures > "$OUT/logs/report.log" 2>&1 \
     || echo "report.py failed (see $OUT/logs/report.log)" >&2; }
 
 echo "study ($([ $QUICK = 1 ] && echo quick || echo full)) started $(date -Is), OMP_NUM_THREADS=$OMP_NUM_THREADS" | tee -a "$TIMES"
