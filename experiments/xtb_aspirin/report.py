@@ -1,578 +1,452 @@
-"""Table and figures of the xTB-aspirin validation study (run by run.sh after the simulations).
+"""Tables and figures of the xTB-aspirin stability study (run by run.sh after every stage).
 
-Reads only what the runs wrote (``final_metrics.json``, ``replicas_stable_time.npy``,
-``final_*.npy``, ``gt_*.npy``, ``full_traj.npy``, tensorboard logs, ``out/timings.tsv``) plus the
-data splits, and writes
+Reads what the evaluations wrote (``final_metrics.json``, ``replicas_stable_time.npy``,
+``simulate_config.yml``, ``final_*.npy``, ``gt_*.npy``) under ``<out>/evals/`` — or, for a model
+whose ``out/`` folder is gone, the small copies run.sh keeps in ``<dest>/results/evals/`` — plus
+the StABlE run's TensorBoard scalars, and writes
 
-* ``experiments/xtb_aspirin/results.json`` and ``results.md`` (the table, wall times, settings),
-* the table into ``VALIDATION.md`` between the ``<!-- results:begin -->`` / ``<!-- results:end -->``
-  markers (the discussion around it is written by hand),
-* PNGs into ``experiments/xtb_aspirin/figures/``.
+* ``<dest>/results/results.json`` and ``results.md``: per model and temperature the number of
+  replicas, the horizon, how many stayed stable to it, the Kaplan–Meier median stability time
+  with a Brookmeyer–Crowley 95 % CI, the restricted mean survival time (RMST) to the horizon with
+  a Greenwood-based 95 % CI, the RMST ratio to QM(1k) (delta method), the log-rank p-value and a
+  paired sign test vs QM(1k), test energy/force MAE and RDF/ADF/VACF MAE over stable frames;
+* ``<dest>/figures/``: Kaplan–Meier curves per temperature, stability-time histograms,
+  RDF/ADF/VACF vs the xTB reference, StABlE training curves.
 
-    python experiments/xtb_aspirin/report.py
+Works on partial results: models without an evaluation are listed as "not run yet".
+
+    python experiments/xtb_aspirin/report.py [--out experiments/xtb_aspirin/out] [--dest experiments/xtb_aspirin]
+
+Censoring: the evaluation records a replica's stability time at the resolution of its checks
+(every n_dump steps) and gives replicas still stable at the end the simulated time, the same
+value as a replica flagged at the very last check.  ``final_metrics.json``'s "Fraction Stable"
+gives how many are still stable, which is all the survival statistics need (see
+``mdsim.stats.censored_at_horizon``).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
-import os
+import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-OUT = HERE / "out"
-DATA = OUT / "data"
-# STUDY_OUT=<folder> (testing): read runs from <folder>/stable_runs, write everything to <folder>/report
-TEST_OUT = os.environ.get("STUDY_OUT")
-if TEST_OUT:
-    OUT = Path(TEST_OUT)
-DEST = OUT / "report" if TEST_OUT else HERE
-FIG = DEST / "figures"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-# (label, run-folder glob under out/stable_runs, evaluation folder/eval_model)
+from mdsim import stats  # noqa: E402
+
+# (key = the evaluation's exp_name prefix in run.sh, label)
 MODELS = [
-    ("ours: pretrained", "schnet_aspirin_ours_*", "inference/pre"),
-    ("ours: StABlE", "schnet_aspirin_ours_*", "inference/post"),
-    ("original: pretrained", "schnet_aspirin_original_pretrained_*", "inference/pre"),
-    ("original: StABlE", "schnet_aspirin_original_stable_*", "inference/pre"),
-    # the first evaluation of ours, 16 replicas like the originals (kept by hand: see VALIDATION.md)
-    ("ours: pretrained (16 replicas)", "schnet_aspirin_ours_*", "inference_16replicas/pre"),
-    ("ours: StABlE (16 replicas)", "schnet_aspirin_ours_*", "inference_16replicas/post"),
+    ("qm_1k", "QM(1k)"),
+    ("stable_1k", "StABlE(1k)"),
+    ("qm_10k", "QM(10k)"),
+    ("original_qm_1k", "original QM(1k), DFT MD17"),
+    ("original_stable_1k", "original StABlE(1k), DFT MD17"),
 ]
-COLORS = ["C3", "C2", "C1", "C0", "C5", "C9"]
+BASELINE = "qm_1k"
+TEMPERATURES = (500, 700)
+COLORS = {"qm_1k": "C3", "stable_1k": "C2", "qm_10k": "C0", "original_qm_1k": "C1", "original_stable_1k": "C4"}
+STYLES = {"qm_1k": "-", "stable_1k": "--", "qm_10k": "-.", "original_qm_1k": ":", "original_stable_1k": (0, (6, 2, 1, 2))}
+SMALL_FILES = ("final_metrics.json", "replicas_stable_time.npy", "simulate_config.yml",
+               "final_rdf_maes.npy", "final_adf_maes.npy", "final_vacf_maes.npy")
 
 
-def find(pattern: str, em: str):
-    hits = sorted(glob.glob(str(OUT / "stable_runs" / pattern / em)))
-    hits = [h for h in hits if (Path(h) / "final_metrics.json").is_file()]
-    return Path(hits[0]) if hits else None
+def eval_dir(out: Path, dest: Path, model: str, temp: int):
+    """The evaluation folder of ``model`` at ``temp`` K: ``<out>/evals/schnet_aspirin_<model>_<T>K_*/
+    inference/pre`` if finished there, else the copy ``<dest>/results/evals/<model>_<T>K``."""
+    hits = sorted(glob.glob(str(out / "evals" / f"schnet_aspirin_{model}_{temp}K_*" / "inference" / "pre")))
+    hits = [Path(h) for h in hits if (Path(h) / "final_metrics.json").is_file()]
+    if hits:
+        return hits[0]
+    copy = dest / "results" / "evals" / f"{model}_{temp}K"
+    return copy if (copy / "final_metrics.json").is_file() else None
 
 
-def load_runs():
-    runs = []
-    for (label, pat, em), color in zip(MODELS, COLORS):
-        d = find(pat, em)
-        if d is None:
-            print(f"missing: {label} ({pat}/{em})")
-            continue
-        r = {"label": label, "dir": d, "color": color,
-             "metrics": json.loads((d / "final_metrics.json").read_text()),
-             "stab": np.load(d / "replicas_stable_time.npy")}
-        for k in ("final_rdfs", "final_adfs", "final_vacfs", "gt_rdf", "gt_adf", "gt_vacf"):
-            p = d / f"{k}.npy"
-            r[k] = np.load(p) if p.is_file() else None
-        runs.append(r)
-    return runs
+def load_eval(d: Path) -> dict:
+    """Stability times with their event flags, the horizon and the metrics of one evaluation."""
+    import yaml
+    m = json.loads((d / "final_metrics.json").read_text())
+    cfg = yaml.safe_load((d / "simulate_config.yml").read_text())
+    t = np.asarray(np.load(d / "replicas_stable_time.npy"), dtype=np.float64)
+    n = int(m["n_replicas"])
+    if t.size != n:
+        raise ValueError(f"{d}: {t.size} stability times but n_replicas {n}")
+    horizon = cfg["n_epochs"] * cfg["steps"] * cfg["timestep"] / 1000.0
+    simulated = float(m["Simulated Time (ps)"])
+    n_stable = int(round(float(m["Fraction Stable"]) * n))
+    events = stats.censored_at_horizon(t, simulated, n_stable)
+    r = {"dir": d, "metrics": m, "config": cfg, "times": t, "events": events, "horizon": horizon,
+         "simulated": simulated, "n": n, "n_stable": n_stable}
+    for k in ("final_rdfs", "final_adfs", "final_vacfs", "gt_rdf", "gt_adf", "gt_vacf",
+              "final_rdf_maes", "final_adf_maes", "final_vacf_maes"):
+        p = d / f"{k}.npy"
+        r[k] = np.load(p) if p.is_file() else None
+    return r
 
 
-def offset_free_energy_mae(ckpt: str, n: int = 1000) -> float:
-    """MAE of E_pred − E_ref after removing the mean difference, on the first n test frames
-    (the frames final_metrics.json uses): for the original's DFT-trained checkpoints the raw
-    energy MAE against xTB is dominated by the constant offset between the two theories."""
-    import torch
-    from mdsim.data.format import load_split, split_dir
-    from mdsim.models import batch_from_frames, energy_and_forces
-    from mdsim.models.checkpoint import load_model
-    torch.set_num_threads(1)
-    test = load_split(split_dir(str(DATA), "xtb", "aspirin", "1k", "test", False))
-    model, _ = load_model(ckpt)
-    model = model.float()
-    es = []
-    for s in range(0, min(n, len(test)), 100):
-        sl = slice(s, min(n, s + 100))
-        e, _ = energy_and_forces(model, **batch_from_frames(test.R[sl], test.z, None, dtype=torch.float32))
-        es.append(e.detach().double().numpy())
-    d = np.concatenate(es) - test.E[:min(n, len(test))]
-    return float(np.abs(d - d.mean()).mean())
+def survival_summary(r: dict, horizon: float) -> dict:
+    km = stats.kaplan_meier(r["times"], r["events"])
+    med, lo, hi = km.median()
+    rm = km.rmst(horizon)
+    return {"km": km, "median": med, "median_ci": [lo, hi], "rmst": rm}
 
 
-def parameter_distance(ck_a: str, ck_b: str) -> dict:
-    """‖θ_b − θ_a‖ and ‖θ_a‖ over the floating-point parameters (how far StABlE moved a model)."""
-    from mdsim.models.checkpoint import load_model
-    a, _ = load_model(ck_a)
-    b, _ = load_model(ck_b)
-    pa = dict(a.named_parameters())
-    num = den = 0.0
-    for k, v in b.named_parameters():
-        num += float(((v.detach().double() - pa[k].detach().double()) ** 2).sum())
-        den += float((pa[k].detach().double() ** 2).sum())
-    return {"delta_norm": num ** 0.5, "theta_norm": den ** 0.5}
+def paired_sign_test(a: dict, b: dict):
+    """Replicas i of two evaluations share start frame, velocities and noise: count pairs where
+    b lasted longer / shorter (ties, e.g. both stable to the end, dropped); two-sided binomial."""
+    if a["n"] != b["n"] or not math.isclose(a["horizon"], b["horizon"]):
+        return None
+    from scipy.stats import binomtest
+    longer = int((b["times"] > a["times"] + 1e-9).sum())
+    shorter = int((b["times"] < a["times"] - 1e-9).sum())
+    p = float(binomtest(longer, longer + shorter).pvalue) if longer + shorter else None
+    return {"b_longer": longer, "b_shorter": shorter, "p": p}
 
 
-def fmt(m, s=None, p=3):
-    if m is None or (isinstance(m, float) and not np.isfinite(m)):
-        return "n/a"
-    return f"{m:.{p}g}" if s is None else f"{m:.{p}g} ± {s:.{p}g}"
+def _num(x, p=3):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return round(float(x), p) if isinstance(x, float) else x
 
 
-def table(runs, e_off):
-    head = ("| model | replicas × simulated ps | stability (ps), mean ± std | median | stable to the end "
-            "| force MAE (eV/Å) | energy MAE (eV) | energy MAE, offset removed (eV) "
-            "| RDF MAE | ADF MAE | VACF MAE |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in runs:
-        m = r["metrics"]
-        lines.append(
-            f"| {r['label']} | {m['n_replicas']} × {m['Simulated Time (ps)']:g} "
-            f"| {fmt(m['Mean Stability (ps)'], m['Std Dev Stability (ps)'])} | {fmt(m['Median Stability (ps)'])} "
-            f"| {int(round(m['Fraction Stable'] * m['n_replicas']))}/{m['n_replicas']} "
-            f"| {fmt(m['Force MAE (eV/A)'])} | {fmt(m['Energy MAE (eV)'])} | {fmt(e_off.get(r['label']))} "
-            f"| {fmt(m.get('Mean RDF MAE'), m.get('Std Dev RDF MAE'))} "
-            f"| {fmt(m.get('Mean ADF MAE'), m.get('Std Dev ADF MAE'))} "
-            f"| {fmt(m.get('Mean VACF MAE'), m.get('Std Dev VACF MAE'))} |")
+def analyse(out: Path, dest: Path) -> dict:
+    res = {"temperatures": {}, "not_run": []}
+    runs = {}
+    for temp in TEMPERATURES:
+        for key, label in MODELS:
+            d = eval_dir(out, dest, key, temp)
+            if d is None:
+                res["not_run"].append(f"{label} at {temp} K")
+                continue
+            runs[(key, temp)] = load_eval(d)
+    for temp, here in by_temperature(runs):
+        horizons = sorted({r["horizon"] for r in here.values()})
+        horizon = horizons[0]  # RMST to a common horizon (the shortest, if they differ)
+        base = here.get(BASELINE)
+        base_s = survival_summary(base, horizon) if base else None
+        rows = []
+        for key, label in MODELS:
+            if key not in here:
+                rows.append({"model": key, "label": label, "status": "not run yet"})
+                continue
+            r = here[key]
+            s = survival_summary(r, horizon)
+            m = r["metrics"]
+            row = {"model": key, "label": label, "status": "done", "folder": str(r["dir"]),
+                   "n_replicas": r["n"], "horizon_ps": r["horizon"], "simulated_ps": r["simulated"],
+                   "stable_to_horizon": r["n_stable"], "events": int(r["events"].sum()),
+                   "km_median_ps": s["median"], "km_median_ci_ps": s["median_ci"],
+                   "rmst_horizon_ps": horizon, "rmst_ps": s["rmst"].estimate, "rmst_se_ps": s["rmst"].stderr,
+                   "rmst_ci_ps": [s["rmst"].lower, s["rmst"].upper],
+                   "energy_mae_eV": m.get("Energy MAE (eV)"), "force_mae_eV_A": m.get("Force MAE (eV/A)"),
+                   "rdf_mae": [m.get("Mean RDF MAE"), m.get("Std Dev RDF MAE")],
+                   "adf_mae": [m.get("Mean ADF MAE"), m.get("Std Dev ADF MAE")],
+                   "vacf_mae": [m.get("Mean VACF MAE"), m.get("Std Dev VACF MAE")],
+                   "stability_times_ps": [round(float(x), 4) for x in r["times"]],
+                   "censored": [bool(not e) for e in r["events"]]}
+            if base and key != BASELINE:
+                try:
+                    row["rmst_ratio_vs_qm_1k"] = list(stats.rmst_ratio(s["rmst"], base_s["rmst"]))
+                except ValueError:
+                    row["rmst_ratio_vs_qm_1k"] = None
+                lr = stats.logrank_test(base["times"], base["events"], r["times"], r["events"])
+                row["logrank_vs_qm_1k"] = {"chi2": lr.statistic, "p": lr.pvalue,
+                                           "observed": lr.observed, "expected": lr.expected}
+                row["paired_sign_test_vs_qm_1k"] = paired_sign_test(base, r)
+            rows.append(row)
+        res["temperatures"][str(temp)] = {"horizon_ps": horizon, "horizons_differ": len(horizons) > 1,
+                                          "models": rows}
+    return res, runs
+
+
+# ----------------------------------------------------------------------------- markdown
+def _f(x, p=3):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{p}g}"
+
+
+def _ci(est, ci, p=3, unit=""):
+    lo, hi = ci
+    if est is None:
+        return f"not reached (> horizon){unit}"
+    return f"{_f(est, p)} [{_f(lo, p) if lo is not None else '?'}, {_f(hi, p) if hi is not None else '> horizon'}]{unit}"
+
+
+def markdown(res: dict) -> str:
+    lines = ["# xTB aspirin: stability of QM-pretrained vs StABlE-trained SchNet", "",
+             "Kaplan–Meier survival of the stability time (bond-length deviation < 0.5 Å, checked every "
+             "50 fs; replicas still stable at the horizon are right-censored). Median: KM median, 95 % CI "
+             "by Brookmeyer–Crowley (log-log band). RMST: restricted mean stability time to the horizon, "
+             "95 % CI from the Greenwood-type variance. Ratio: RMST / RMST of QM(1k), 95 % CI by the delta "
+             "method on the log scale (the two runs treated as independent). Log-rank: two-sample test vs "
+             "QM(1k). Paired: replicas share start frame, velocities and noise with QM(1k)'s replica of the "
+             "same index; pairs where this model lasted longer/shorter (two-sided sign test). MAEs: energy "
+             "and force on ≤ 1000 test frames; RDF/ADF/VACF over each replica's stable frames (mean ± std "
+             "over replicas). The original's checkpoints were trained on DFT (MD17) aspirin: their energy MAE "
+             "against xTB is mostly the constant offset between the two theories. At 700 K the reference "
+             "observables come from the 500 K data (the RDF reweighted to 700 K, ADF and VACF not): compare "
+             "models with each other there, not with the reference.", ""]
+    for temp, block in res["temperatures"].items():
+        lines += [f"## {temp} K (RMST horizon {block['horizon_ps']:g} ps"
+                  + ("; models were run to different horizons" if block["horizons_differ"] else "") + ")", "",
+                  "| model | replicas | horizon (ps) | stable to horizon | KM median (ps) [95 % CI] "
+                  "| RMST (ps) [95 % CI] | RMST ratio vs QM(1k) [95 % CI] | log-rank p vs QM(1k) "
+                  "| paired longer/shorter (p) | energy MAE (eV) | force MAE (eV/Å) | RDF MAE | ADF MAE | VACF MAE |",
+                  "|" + "---|" * 14]
+        for r in block["models"]:
+            if r["status"] != "done":
+                lines.append(f"| {r['label']} | not run yet |" + " |" * 12)
+                continue
+            ratio = r.get("rmst_ratio_vs_qm_1k")
+            lrk = r.get("logrank_vs_qm_1k")
+            pr = r.get("paired_sign_test_vs_qm_1k")
+            cells = [r["label"], str(r["n_replicas"]), f"{r['horizon_ps']:g}",
+                     f"{r['stable_to_horizon']}/{r['n_replicas']}",
+                     _ci(r["km_median_ps"], r["km_median_ci_ps"]),
+                     _ci(r["rmst_ps"], r["rmst_ci_ps"]),
+                     _ci(ratio[0], ratio[1:]) if ratio else "—",
+                     _f(lrk["p"], 2) if lrk else "—",
+                     f"{pr['b_longer']}/{pr['b_shorter']} ({_f(pr['p'], 2)})" if pr else "—",
+                     _f(r["energy_mae_eV"]), _f(r["force_mae_eV_A"])]
+            for k in ("rdf_mae", "adf_mae", "vacf_mae"):
+                mu, sd = r[k]
+                cells.append("n/a" if mu is None else f"{_f(mu)} ± {_f(sd)}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if res["not_run"]:
+        lines += ["Not run yet: " + ", ".join(res["not_run"]) + ".", ""]
+    tr = res.get("stable_training")
+    if tr:
+        lines += ["## StABlE training", "", f"Epochs: {tr['epochs']}, learning epochs: {tr['learning_epochs']}, "
+                  f"force MAE first → last: {tr['force_mae_first_last']}, unstable fraction last: "
+                  f"{tr['unstable_fraction_last']}.", ""]
+    if res.get("timings_s"):
+        lines += ["## Wall time per stage (out/timings.tsv, latest run of each)", "",
+                  "| stage | s |", "|---|---|"] + [f"| {k} | {v} |" for k, v in res["timings_s"].items()] + [""]
     return "\n".join(lines)
 
 
-def timings():
-    p = OUT / "timings.tsv"
-    if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) == 3:
-            rows.append((parts[0], int(parts[1]), parts[2]))
-    return rows
+# ----------------------------------------------------------------------------- training scalars
+TRAIN_TAGS = ("Fraction of Unstable Replicas", "Loss", "Observable Loss", "Force MAE", "Energy MAE",
+              "Learning Rate", "Gradient Norm")
 
 
-def training_scalars():
-    runs = sorted(glob.glob(str(OUT / "stable_runs" / "schnet_aspirin_ours_*" / "logs")))
-    if not runs:
-        return None
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(runs[0], size_guidance={"scalars": 0})
-    ea.Reload()
-    out = {}
-    for t in ea.Tags()["scalars"]:
-        ev = ea.Scalars(t)
-        out[t] = (np.array([e.step for e in ev]), np.array([e.value for e in ev]))
-    return out
+def training_scalars(out: Path, dest: Path):
+    """StABlE training curves from the run's TensorBoard logs (saved to
+    ``<dest>/results/stable_training_scalars.json`` so they outlive out/), else from that file."""
+    cache = dest / "results" / "stable_training_scalars.json"
+    logs = sorted(glob.glob(str(out / "stable_runs" / "schnet_aspirin_stable_1k_*" / "logs")))
+    if logs:
+        try:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        except ImportError:
+            EventAccumulator = None
+        if EventAccumulator is not None:
+            ea = EventAccumulator(logs[0], size_guidance={"scalars": 0})
+            ea.Reload()
+            sc = {t: [[int(e.step) for e in ea.Scalars(t)], [float(e.value) for e in ea.Scalars(t)]]
+                  for t in ea.Tags()["scalars"] if t in TRAIN_TAGS}
+            if sc:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(sc) + "\n")
+                return sc
+    return json.loads(cache.read_text()) if cache.is_file() else None
+
+
+def training_summary(sc) -> dict:
+    if not sc:
+        return {}
+    lr = sc.get("Learning Rate", [[], []])[1]
+    fm = sc.get("Force MAE", [[], []])[1]
+    uf = sc.get("Fraction of Unstable Replicas", [[], []])
+    return {"epochs": max(uf[0]) if uf[0] else 0, "learning_epochs": int(sum(1 for x in lr if x > 0)),
+            "force_mae_first_last": [fm[0], fm[-1]] if fm else None,
+            "unstable_fraction_last": uf[1][-1] if uf[1] else None}
 
 
 # ----------------------------------------------------------------------------- figures
-def plt_setup():
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def logrank(t1, e1, t2, e2):
-    """Two-sample log-rank test (right-censored times t, event flags e). Returns (chi2, p)."""
-    from scipy.stats import chi2
-    times = np.unique(np.concatenate([t1[e1], t2[e2]]))
-    o_minus_e = var = 0.0
-    for t in times:
-        n1, n2 = (t1 >= t).sum(), (t2 >= t).sum()
-        d1, d2 = ((t1 == t) & e1).sum(), ((t2 == t) & e2).sum()
-        n, d = n1 + n2, d1 + d2
-        if n < 2:
-            continue
-        o_minus_e += d1 - d * n1 / n
-        var += d * (n1 / n) * (n2 / n) * (n - d) / (n - 1)
-    stat = o_minus_e ** 2 / var if var > 0 else 0.0
-    return float(stat), float(chi2.sf(stat, 1))
+def label_of(key):
+    return dict(MODELS)[key]
 
 
-def stability_tests(runs, sweep=None):
-    """Pretrained vs StABlE: log-rank test, and a sign test over replicas paired by their
-    identical initial frame, velocities and noise seed."""
-    from scipy.stats import binomtest
-    by = {r["label"]: r for r in runs}
-    out = {}
-    for a, b in (("ours: pretrained", "ours: StABlE"), ("original: pretrained", "original: StABlE"),
-                 ("ours: pretrained (16 replicas)", "ours: StABlE (16 replicas)")):
-        if a not in by or b not in by:
-            continue
-        ra, rb = by[a], by[b]
-        Ta, Tb = ra["metrics"]["Simulated Time (ps)"], rb["metrics"]["Simulated Time (ps)"]
-        sa, sb = ra["stab"], rb["stab"]
-        ea, eb = sa < Ta - 1e-9, sb < Tb - 1e-9
-        chi, p = logrank(sa, ea, sb, eb)
-        res = {"logrank_chi2": chi, "logrank_p": p, "events": [int(ea.sum()), int(eb.sum())], "n": [len(sa), len(sb)]}
-        if len(sa) == len(sb):
-            wins = int(((sb > sa) & (ea | eb)).sum())
-            losses = int(((sb < sa) & (ea | eb)).sum())
-            res.update({"paired_post_longer": wins, "paired_pre_longer": losses,
-                        "sign_test_p": float(binomtest(wins, wins + losses).pvalue) if wins + losses else None})
-        if sweep and a in sweep and b in sweep:
-            for tol in ("1", "2"):
-                xa, xb = sweep[a][tol]["times"], sweep[b][tol]["times"]
-                chi, p = logrank(xa, xa < Ta - 1e-9, xb, xb < Tb - 1e-9)
-                res[f"logrank_p_tol{tol}"] = p
-        out[f"{a} vs {b}"] = res
-    return out
+def by_temperature(runs):
+    """(temperature, {model key: run}) for the temperatures that have runs."""
+    for temp in TEMPERATURES:
+        here = {k: r for (k, t), r in runs.items() if t == temp}
+        if here:
+            yield temp, here
 
 
-def tolerance_sweep(runs, cfg, tols=(0.5, 1.0, 2.0)):
-    """Stability times recomputed from full_traj.npy (every replica is simulated to the end of
-    the run) with looser bond-deviation tolerances: separates replicas that only briefly
-    stretched a bond past 0.5 Å from ones that blew up.  Also the bond (element pair) that
-    first crossed 0.5 Å, and the largest deviation ever seen in the xTB reference trajectory."""
-    import torch
-    from mdsim.data.format import load_split, split_dir
-    from mdsim.geometry import bond_lengths
-    from mdsim.md.stability import max_bond_deviation
-    from mdsim.md.system import System
-    train = load_split(split_dir(str(DATA), "xtb", "aspirin", cfg["size"], "train", False))
-    system = System.from_split(train, dtype=torch.float64)
-    ref = system.ref_bond_lengths.double()
-    dt_frame = cfg["n_dump"] * cfg["timestep"] / 1000.0
-    out = {}
-    for r in runs:
-        p = r["dir"] / "full_traj.npy"
-        if not p.is_file():
-            continue
-        traj = torch.tensor(np.load(p), dtype=torch.float64)  # (R, F, N, 3)
-        bl = bond_lengths(traj, system.bonds)
-        dev = (bl - ref).abs()
-        mx = dev.amax(-1).numpy()
-        T = r["metrics"]["Simulated Time (ps)"]
-        t = np.arange(1, mx.shape[1] + 1) * dt_frame
-        res = {}
-        for tol in tols:
-            over = mx >= tol
-            first = np.where(over.any(1), t[over.argmax(1)], T)
-            res[f"{tol:g}"] = {"mean": float(first.mean()), "std": float(first.std()), "median": float(np.median(first)),
-                               "stable_to_end": int((~over.any(1)).sum()), "times": first}
-        res["unstable_at_end"] = int((mx[:, -1] >= cfg["bond_dev_tol"]).sum())
-        pairs = {}
-        z = train.z
-        for i in range(mx.shape[0]):
-            over = mx[i] >= cfg["bond_dev_tol"]
-            if not over.any():
-                continue
-            f = int(over.argmax())
-            b = int(dev[i, f].argmax())
-            a1, a2 = system.bonds[b].tolist()
-            from ase.data import chemical_symbols
-            key = "-".join(sorted((chemical_symbols[int(z[a1])], chemical_symbols[int(z[a2])])))
-            key += " stretched" if float(bl[i, f, b]) > float(ref[b]) else " compressed"
-            pairs[key] = pairs.get(key, 0) + 1
-        res["first_failing_bond"] = pairs
-        out[r["label"]] = res
-    parts = []  # the whole trajectory: the 10k size's train + val + test splits
-    for which in ("train", "val", "test"):
-        try:
-            parts.append(load_split(split_dir(str(DATA), "xtb", "aspirin", cfg.get("max_size") or cfg["size"],
-                                              which, False)).R)
-        except Exception:  # noqa: BLE001
-            pass
-    allR = np.concatenate(parts) if parts else train.R
-    mref = max_bond_deviation(torch.tensor(allR, dtype=torch.float64), system).numpy()
-    out["xTB reference"] = {"max_dev_quantiles_50_99_100": [float(x) for x in np.quantile(mref, [0.5, 0.99, 1.0])],
-                            "frames": int(len(mref))}
-    return out
-
-
-def fig_stability(runs):
-    plt = plt_setup()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
-    rng = np.random.default_rng(0)
-    for i, r in enumerate(runs):
-        s = r["stab"]
-        ax.scatter(i + rng.uniform(-0.18, 0.18, s.size), s, s=14, color=r["color"], alpha=0.8)
-        ax.errorbar(i + 0.3, s.mean(), yerr=s.std(), fmt="o", color="k", capsize=4)
-        T = r["metrics"]["Simulated Time (ps)"]
-        ax.hlines(T, i - 0.3, i + 0.3, colors="gray", linestyles=":")
-    ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([r["label"].replace(": ", "\n").replace(" (", "\n(") for r in runs], fontsize=7)
-    for r in runs:  # survival curves: fraction of replicas not yet unstable
-        T = r["metrics"]["Simulated Time (ps)"]
-        t = np.linspace(0, T, 501)
-        alive = (r["stab"][None, :] > t[:, None] - 1e-9).mean(1)
-        ax2.step(t, alive, where="post", color=r["color"], lw=1.5,
-                 ls="-" if "16 replicas" not in r["label"] else ":", label=f"{r['label']} (n={r['stab'].size})")
-    ax2.set_xlabel("time (ps)")
-    ax2.set_ylabel("fraction of replicas still stable")
-    ax2.set_ylim(-0.02, 1.02)
-    ax2.legend(fontsize=7)
-    ax.set_ylabel("stability time per replica (ps)")
-    ax.set_title("Langevin 500 K, bond-length deviation < 0.5 Å\n(dotted: simulated length; "
-                 "points at it never went unstable)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(FIG / "stability_times.png", dpi=130)
-    plt.close(fig)
-
-
-def fig_observables(runs, cfg):
-    from mdsim import observables as obs
-    plt = plt_setup()
-    ref = next((r for r in runs if r["gt_rdf"] is not None), None)
-    if ref is None:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    edges = obs.histogram_rdf_edges(cfg["max_rdf_dist"], cfg["dr"]).numpy()
-    rr = 0.5 * (edges[1:] + edges[:-1])
-    ang = obs.adf_bin_centers(ref["gt_adf"].size, tuple(cfg["angle_range"])).numpy()
-    dt_fs = 0.5  # VACF sample spacing: the data's frame spacing (vacf_stride steps of 0.5 fs)
-    panels = [("final_rdfs", "gt_rdf", rr, "r (Å)", "RDF (pair-distance density)"),
-              ("final_adfs", "gt_adf", ang, "angle (degrees)", "ADF"),
-              ("final_vacfs", "gt_vacf", None, "lag (fs)", "VACF")]
-    for ax, (k, gk, x, xl, yl) in zip(axes, panels):
-        g = ref[gk]
-        if g is None:
-            continue
-        xx = np.arange(g.size) * dt_fs if x is None else x
-        ax.plot(xx, g, "k-", lw=2.2, label="xTB reference")
-        for r in runs:
-            v = r[k]
-            if v is None or not np.isfinite(v).any():
-                continue
-            with np.errstate(invalid="ignore"):
-                import warnings
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    mean = np.nanmean(v, 0)
-            ax.plot(xx, mean, "--", color=r["color"], lw=1.3, label=r["label"])
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-    axes[0].set_xlim(0, 8)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Observables averaged over each model's stable frames (Langevin 500 K) vs the xTB reference",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(FIG / "observables.png", dpi=130)
-    plt.close(fig)
-
-
-def fig_reference(runs, cfg):
-    """gt_rdf / gt_vacf as written by the package vs an independent numpy computation."""
-    from mdsim.data.format import load_split, split_dir
-    plt = plt_setup()
-    ref = next((r for r in runs if r["gt_rdf"] is not None), None)
-    if ref is None:
-        return {}
-    size = cfg.get("max_size") or cfg["size"]
-    train = load_split(split_dir(str(DATA), "xtb", "aspirin", size, "train", False))
-    R = train.R[np.unique(np.linspace(0, len(train) - 1, 2000).round().astype(int))]
-    i, j = np.triu_indices(R.shape[1], 1)
-    d = np.linalg.norm(R[:, i] - R[:, j], axis=-1).ravel()
-    edges = np.arange(0, cfg["max_rdf_dist"] + 1e-9, cfg["dr"])
-    h, _ = np.histogram(d, bins=edges, density=True)
-    h[0] = 0
-    rr = 0.5 * (edges[1:] + edges[:-1])
-    # VACF from the contiguous val split: finite-difference velocities, no regulariser
-    cont = load_split(split_dir(str(DATA), "xtb", "aspirin", size, "val", True))
-    v = np.diff(cont.R, axis=0) / 0.5  # Å/fs
-    W = ref["gt_vacf"].size if ref["gt_vacf"] is not None else 100
-    c = np.array([1.0] + [(v[t:] * v[:-t]).mean() / (v * v).mean() for t in range(1, W)])
-    # kinetic temperature implied by the finite-difference velocities (sanity of the data)
-    from ase.data import atomic_masses
-    from ase import units
-    m = atomic_masses[cont.z][None, :, None]
-    ekin = 0.5 * (m * v ** 2).sum(axis=(1, 2)) * (units._amu * 1e10 / units._e)  # amu Å²/fs² → eV
-    T_fd = float((2 * ekin / (3 * cont.R.shape[1] * units.kB)).mean())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    ref_r = rr
-    axes[0].plot(ref_r, ref["gt_rdf"], "k-", lw=2, label="gt_rdf.npy (package)")
-    axes[0].plot(ref_r, h, "C1--", lw=1.2, label="numpy histogram of all pair distances")
-    axes[0].set_xlim(0, 8)
-    axes[0].set_xlabel("r (Å)")
-    axes[0].set_ylabel("RDF")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title(f"reference RDF ({size}/train, {len(R)} frames)", fontsize=9)
-    if ref["gt_vacf"] is not None:
-        t = np.arange(W) * 0.5
-        axes[1].plot(t, ref["gt_vacf"], "k-", lw=2, label="gt_vacf.npy (package)")
-        axes[1].plot(t, c, "C1--", lw=1.2, label="numpy, finite differences, no regulariser")
-        axes[1].set_xlabel("lag (fs)")
-        axes[1].set_ylabel("VACF")
-        axes[1].legend(fontsize=8)
-        axes[1].set_title(f"reference VACF (contiguous {size}/val, {len(cont)} frames)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(FIG / "reference_rdf_vacf.png", dpi=130)
-    plt.close(fig)
-    out = {"rdf_max_abs_diff": float(np.abs(h - ref["gt_rdf"]).max()),
-           "rdf_peak_height": float(ref["gt_rdf"].max()),
-           "finite_difference_kinetic_T_K": T_fd}
-    if ref["gt_vacf"] is not None:
-        out["vacf_max_abs_diff"] = float(np.abs(c - ref["gt_vacf"]).max())
-    return out
-
-
-def fig_bond_trace(runs, cfg):
-    """Max bond-length deviation vs time of the pretrained model's replicas (from full_traj.npy)."""
-    import torch
-    from mdsim.data.format import load_split, split_dir
-    from mdsim.md.stability import max_bond_deviation
-    from mdsim.md.system import System
-    plt = plt_setup()
-    pre = next((r for r in runs if r["label"] == "ours: pretrained"), None)
-    post = next((r for r in runs if r["label"] == "ours: StABlE"), None)
-    if pre is None or not (pre["dir"] / "full_traj.npy").is_file():
-        return {}
-    train = load_split(split_dir(str(DATA), "xtb", "aspirin", cfg["size"], "train", False))
-    system = System.from_split(train, stability_tolerance=cfg["bond_dev_tol"], dtype=torch.float64)
-    dt_frame = cfg["n_dump"] * cfg["timestep"] / 1000.0  # ps between stored frames
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    info = {}
-    devs = {}
-    for r in (pre, post):
-        if r is not None and (r["dir"] / "full_traj.npy").is_file():
-            traj = np.load(r["dir"] / "full_traj.npy")  # (R, F, N, 3)
-            devs[r["label"]] = max_bond_deviation(torch.tensor(traj, dtype=torch.float64), system).numpy()
-    dpre = devs[pre["label"]]
-    t = np.arange(1, dpre.shape[1] + 1) * dt_frame
-    order = np.argsort(pre["stab"])
-    pick = [int(order[len(order) // 2])]  # the replica of median stability time
-    info["pre_median_replica"] = pick[0]
-    info["pre_median_replica_stability_ps"] = float(pre["stab"][pick[0]])
-    if post is not None and post["label"] in devs and devs[post["label"]].shape == dpre.shape:
-        dpost = devs[post["label"]]
-        a = (dpre.max(1) >= 2.0) & (dpost.max(1) < cfg["bond_dev_tol"])
-        b = (dpost.max(1) >= 2.0) & (dpre.max(1) < cfg["bond_dev_tol"])
-        info["replicas_pre_blew_up_post_never_unstable"] = int(a.sum())
-        info["replicas_post_blew_up_pre_never_unstable"] = int(b.sum())
-        if a.any():
-            pick.append(int(np.nonzero(a)[0][0]))
-            info["example_replica"] = pick[1]
-    for r, style in ((pre, "-"), (post, ":")):
-        if r is None or r["label"] not in devs:
-            continue
-        for k, i in enumerate(pick):
-            lab = f"{r['label']}, replica {i} (stable {r['stab'][i]:.2f} ps)"
-            ax.plot(t, np.clip(devs[r["label"]][i], 0, 3), style, color=r["color"] if k == 0 else
-                    ("C4" if r is pre else "C8"), lw=1.0, label=lab)
-    ax.axhline(cfg["bond_dev_tol"], color="k", ls="--", lw=0.8, label=f"tolerance {cfg['bond_dev_tol']} Å")
-    ax.set_yscale("log")
-    ax.set_ylim(1e-2, 3.5)
-    ax.set_xlabel("time (ps)")
-    ax.set_ylabel("max |bond length − reference| (Å), clipped at 3")
+def _finish(plt, fig, ax, title, path):
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    ax.set_title("Max bond-length deviation vs time: the pretrained model's median replica, and the first\n"
-                 "replica where it blew up (> 2 Å) while StABlE's never exceeded 0.5 Å (same start, seed)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(FIG / "bond_deviation_trace.png", dpi=130)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
-    return info
 
 
-def fig_training(sc):
-    if not sc:
-        return {}
-    plt = plt_setup()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, (k, yl) in zip(axes, [("Fraction of Unstable Replicas", "unstable fraction"),
-                                  ("Learning Rate", "learning rate"), ("Force MAE", "test force MAE (eV/Å)")]):
-        if k in sc:
-            x, y = sc[k]
-            ax.plot(x, y, "o-", ms=3)
-        ax.set_xlabel("StABlE epoch (0.5 ps of MD each)")
-        ax.set_ylabel(yl)
-    if "Observable Loss" in sc:
-        ax2 = axes[2].twinx()
-        x, y = sc["Observable Loss"]
-        ax2.plot(x, y, "C3.-", ms=3, lw=0.8)
-        ax2.set_ylabel("RDF loss (monitor)", color="C3")
-    fig.tight_layout()
-    fig.savefig(FIG / "stable_training.png", dpi=130)
-    plt.close(fig)
-    lr = sc.get("Learning Rate", (np.array([]), np.array([])))
-    return {"epochs": int(sc["Fraction of Unstable Replicas"][0].max()) if "Fraction of Unstable Replicas" in sc else 0,
-            "learning_epochs": int((lr[1] > 0).sum()),
-            "force_mae_first_last": [float(sc["Force MAE"][1][0]), float(sc["Force MAE"][1][-1])]
-            if "Force MAE" in sc else None}
+def fig_km(runs, res, fig_dir: Path):
+    plt = _plt()
+    for temp, here in by_temperature(runs):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for key, _ in MODELS:
+            r = here.get(key)
+            if r is None:
+                continue
+            km = stats.kaplan_meier(r["times"], r["events"])
+            lo, hi = km.confidence_band()
+            x = np.concatenate([[0.0], km.times, [r["horizon"]]])
+            y = np.concatenate([[1.0], km.survival, [km.survival[-1] if km.times.size else 1.0]])
+            ylo = np.concatenate([[1.0], lo, [lo[-1] if lo.size else 1.0]])
+            yhi = np.concatenate([[1.0], hi, [hi[-1] if hi.size else 1.0]])
+            c = COLORS[key]
+            ax.step(x, y, where="post", color=c, lw=1.6, ls=STYLES[key],
+                    label=f"{label_of(key)} (n={r['n']}, {r['n_stable']} censored)")
+            ax.fill_between(x, ylo, yhi, step="post", color=c, alpha=0.15, lw=0)
+            cens = ~r["events"]
+            if cens.any():
+                ax.plot([r["simulated"]], [km(r["simulated"])], "|", color=c, ms=10)
+        ax.set_xlabel("time (ps)")
+        ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
+        ax.set_ylim(-0.02, 1.02)
+        _finish(plt, fig, ax, f"Langevin {temp} K, bond deviation < 0.5 Å (95 % log-log bands)",
+                fig_dir / f"km_{temp}K.png")
 
 
-def ablation_summary():
-    """The first StABlE attempt (paper weighting, lr 5e-3), stopped and kept in out/ablation_runs."""
-    runs = sorted(glob.glob(str(OUT / "ablation_runs" / "*" / "logs")))
-    if not runs:
-        return None
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(runs[0], size_guidance={"scalars": 0})
-    ea.Reload()
-    get = lambda t: [round(e.value, 4) for e in ea.Scalars(t)] if t in ea.Tags()["scalars"] else []  # noqa: E731
-    return {"folder": os.path.relpath(Path(runs[0]).parent, ROOT), "unstable_fraction": get("Fraction of Unstable Replicas"),
-            "energy_mae_eV": get("Energy MAE"), "force_mae_eV_A": get("Force MAE"),
-            "grad_ratio_obs_vs_ef": get("Gradient Ratios (Observable vs Energy-Force)"),
-            "grad_norm": get("Gradient Norm")}
+def fig_hist(runs, fig_dir: Path):
+    plt = _plt()
+    for temp, here in by_temperature(runs):
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        bins = np.linspace(0, max(r["horizon"] for r in here.values()), 31)
+        for key, _ in MODELS:
+            if key in here:
+                ax.hist(here[key]["times"], bins=bins, histtype="step", lw=1.5, color=COLORS[key], ls=STYLES[key],
+                        label=label_of(key))
+        ax.set_xlabel("stability time (ps); the last bin holds the censored replicas")
+        ax.set_ylabel("replicas")
+        _finish(plt, fig, ax, f"Stability times at {temp} K", fig_dir / f"stability_hist_{temp}K.png")
 
 
-def main():
-    FIG.mkdir(parents=True, exist_ok=True)
-    runs = load_runs()
-    if not runs:
-        print("no finished evaluations under", OUT / "stable_runs")
-        return 1
-    import yaml
-    cfg = yaml.safe_load((runs[0]["dir"] / "simulate_config.yml").read_text())
-    e_off = {}
-    for r in runs:
-        try:
-            e_off[r["label"]] = offset_free_energy_mae(r["metrics"]["checkpoint"])
-        except Exception as exc:  # noqa: BLE001 - a missing checkpoint only loses one column entry
-            print(f"offset-free energy MAE of {r['label']}: {exc}")
-    moved = {}
-    by = {r["label"]: r["metrics"]["checkpoint"] for r in runs}
-    for name, a, b in (("ours", "ours: pretrained", "ours: StABlE"),
-                       ("original", "original: pretrained", "original: StABlE")):
-        if a in by and b in by:
-            moved[name] = parameter_distance(by[a], by[b])
-    sweep = tolerance_sweep(runs, cfg)
-    tests = stability_tests(runs, sweep)
-    fig_stability(runs)
-    fig_observables(runs, cfg)
-    ref_check = fig_reference(runs, cfg)
-    trace = fig_bond_trace(runs, cfg)
-    sc = training_scalars()
-    train_info = fig_training(sc)
-    abl = ablation_summary()
-    tab = table(runs, e_off)
-    sw = ["| model | tol 0.5 Å: mean / median (ps), stable to end | tol 1.0 Å | tol 2.0 Å | max dev ≥ 0.5 Å at the end | first bond past 0.5 Å |",
-          "|---|---|---|---|---|---|"]
-    for r in runs:
-        q = sweep.get(r["label"])
-        if not q:
+def fig_observables(runs, fig_dir: Path):
+    from mdsim import observables as obs
+    plt = _plt()
+    for temp, here in by_temperature(runs):
+        ref = next((r for r in here.values() if r["gt_rdf"] is not None), None)
+        if ref is None:
             continue
-        cells = [f"{q[k]['mean']:.2f} / {q[k]['median']:.2f}, {q[k]['stable_to_end']}/{r['stab'].size}" for k in ("0.5", "1", "2")]
-        sw.append(f"| {r['label']} | " + " | ".join(cells) + f" | {q['unstable_at_end']}/{r['stab'].size} | "
-                  + ", ".join(f"{k}: {v}" for k, v in sorted(q["first_failing_bond"].items())) + " |")
-    tab += ("\n\nStability times recomputed from `full_traj.npy` (frames every 10 fs) with looser tolerances:\n\n"
-            + "\n".join(sw) + f"\n\nLargest bond deviation in the xTB reference trajectory: "
-            f"{json.dumps(sweep.get('xTB reference'))}")
-    tim = timings()
-    tlines = ["| stage | wall time (s) | finished |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in tim]
-    last = {a: b for a, b, _ in tim}
-    stream_a = sum(last.get(k, 0) for k in ("data", "pretrain", "stable_train")) + max(
-        last.get("eval_ours_pre", 0), last.get("eval_ours_post", 0))
-    stream_b = last.get("eval_original_pretrained", 0) + last.get("eval_original_stable", 0)
-    tlines.append(f"\nCritical path from the latest row of each stage: data + pretrain + StABlE + the longer of "
-                  f"the two (parallel) evaluations of ours = {stream_a} s ({stream_a / 60:.0f} min); the original's "
-                  f"checkpoints, evaluated in parallel with it: {stream_b} s ({stream_b / 60:.0f} min).")
-    md = (f"{tab}\n\nEvaluation: {cfg['integrator']} at {cfg['temperature']:g} K, timestep {cfg['timestep']} fs, "
-          f"friction {cfg['integrator_config']['gamma']} ps⁻¹, bond_dev_tol {cfg['bond_dev_tol']} Å, "
-          "replicas start from the first test frames (same frames, velocities and noise seed for every model), "
-          f"stability checked every "
-          f"{cfg['n_dump']} steps, seed {cfg['seed']}. Energy MAE, offset removed: report.py, same "
-          "1000 test frames, mean error subtracted (the original's checkpoints are DFT-trained: their raw energy MAE "
-          "against xTB is the constant offset between the two theories).\n\n"
-          f"Reference check: {json.dumps(ref_check)}\n\nStABlE training: {json.dumps(train_info)}\n\n"
-          f"First StABlE attempt (stopped; paper weighting, lr 5e-3): {json.dumps(abl)}\n\n"
-          f"Stability tests (log-rank; paired sign test): {json.dumps(tests)}\n\n"
-          f"Parameter displacement pretrained → StABlE: {json.dumps(moved)}\n\n"
-          f"Bond trace: {json.dumps(trace)}\n\nWall times (out/timings.tsv):\n\n" + "\n".join(tlines) + "\n")
-    (DEST / "results.md").write_text(md)
-    res = {"runs": [{"label": r["label"], "folder": os.path.relpath(r["dir"], ROOT), **r["metrics"],
-                     "energy_mae_offset_removed_eV": e_off.get(r["label"]),
-                     "replica_stability_ps": [round(float(x), 4) for x in r["stab"]]} for r in runs],
-           "reference_check": ref_check, "training": train_info, "parameter_displacement": moved, "stability_tests": tests, "first_attempt": abl,
-           "tolerance_sweep": {k: {kk: ({x: y for x, y in vv.items() if x != "times"} if isinstance(vv, dict) else vv)
-                                   for kk, vv in v.items()} for k, v in sweep.items()}, "bond_trace": trace,
-           "timings_s": {a: b for a, b, _ in tim}}
-    (DEST / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    val = ROOT / "VALIDATION.md"
-    if val.is_file() and not TEST_OUT:
-        s = val.read_text()
-        a, b = "<!-- results:begin -->", "<!-- results:end -->"
-        if a in s and b in s:
-            s = s[:s.index(a) + len(a)] + "\n" + md + s[s.index(b):]
-            val.write_text(s)
+        cfg = ref["config"]
+        edges = obs.histogram_rdf_edges(cfg["max_rdf_dist"], cfg["dr"]).numpy()
+        rr = 0.5 * (edges[1:] + edges[:-1])
+        ang = obs.adf_bin_centers(ref["gt_adf"].size, tuple(cfg["angle_range"])).numpy() \
+            if ref["gt_adf"] is not None else None
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+        panels = [("final_rdfs", "gt_rdf", rr, "r (Å)", "RDF"), ("final_adfs", "gt_adf", ang, "angle (degrees)", "ADF"),
+                  ("final_vacfs", "gt_vacf", None, "lag (samples)", "VACF")]
+        for ax, (k, gk, x, xl, yl) in zip(axes, panels):
+            g = ref[gk]
+            if g is None:
+                continue
+            xx = np.arange(g.size) if x is None else x
+            ax.plot(xx, g, "k-", lw=2.2, label="xTB reference")
+            for key, _ in MODELS:
+                v = here[key][k] if key in here else None
+                if v is None or not np.isfinite(v).any():
+                    continue
+                with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    ax.plot(xx, np.nanmean(v, 0), "--", color=COLORS[key], lw=1.2, label=label_of(key))
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+        axes[0].set_xlim(0, 8)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"Observables over each model's stable frames, {temp} K, vs the xTB reference", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(fig_dir / f"observables_{temp}K.png", dpi=130)
+        plt.close(fig)
+
+
+def fig_training(sc, fig_dir: Path):
+    if not sc:
+        return
+    plt = _plt()
+    panels = [("Fraction of Unstable Replicas", "unstable fraction (tol 0.25 Å)"),
+              ("Observable Loss", "RDF loss"), ("Force MAE", "test force MAE (eV/Å)"),
+              ("Learning Rate", "learning rate")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, (k, yl) in zip(axes, panels):
+        if k in sc:
+            ax.plot(sc[k][0], sc[k][1], "o-", ms=2.5, lw=1)
+        ax.set_xlabel("StABlE epoch")
+        ax.set_ylabel(yl)
+    if "Loss" in sc:
+        tw = axes[1].twinx()
+        tw.plot(sc["Loss"][0], sc["Loss"][1], "C3.-", ms=2, lw=0.8)
+        tw.set_ylabel("total loss (incl. energy/force)", color="C3")
+    fig.tight_layout()
+    fig.savefig(fig_dir / "stable_training.png", dpi=130)
+    plt.close(fig)
+
+
+def timings(out: Path) -> dict:
+    p = out / "timings.tsv"
+    last = {}
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].isdigit():
+                last[parts[0]] = int(parts[1])
+    return last
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return _num(float(x), 6)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(HERE / "out"), help="the study's output folder (out/ or out_quick/)")
+    ap.add_argument("--dest", default=str(HERE), help="writes <dest>/results/ and <dest>/figures/")
+    ap.add_argument("--no-figures", action="store_true", help="tables only")
+    a = ap.parse_args(argv)
+    out, dest = Path(a.out), Path(a.dest)
+    (dest / "results").mkdir(parents=True, exist_ok=True)
+    res, runs = analyse(out, dest)
+    sc = training_scalars(out, dest)
+    res["stable_training"] = training_summary(sc)
+    res["timings_s"] = timings(out)
+    for (key, temp), r in runs.items():
+        res.setdefault("folders", {})[f"{key}_{temp}K"] = str(r["dir"])
+    md = markdown(res)
+    (dest / "results" / "results.md").write_text(md)
+    (dest / "results" / "results.json").write_text(json.dumps(_jsonable(res), indent=1) + "\n")
+    if not a.no_figures:
+        fig_dir = dest / "figures"
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        fig_km(runs, res, fig_dir)
+        fig_hist(runs, fig_dir)
+        fig_observables(runs, fig_dir)
+        fig_training(sc, fig_dir)
     print(md)
     return 0
 

@@ -1,105 +1,183 @@
 #!/usr/bin/env bash
-# Whole validation study, from scratch, in one command (run from anywhere):
+# The xTB-aspirin stability study in one command (run from anywhere):
 #
-#     bash experiments/xtb_aspirin/run.sh
+#   bash experiments/xtb_aspirin/run.sh [--quick] [--data PATH_TO_xtb_aspirin_500K.npz]
+#                                       [--original DIR_OF_ORIGINAL_CHECKPOINTS] [--skip-10k]
 #
-# 1. split the shared GFN2-xTB aspirin trajectory (500 K, 20k frames) into 1k/10k splits
-#    (without /work/shared: generate XTB_FRAMES frames of xTB MD instead, needs tblite);
-# 2. pretrain SchNet on the 1k split (configs/pretrain.yml);
-# 3. StABlE-train it (configs/train.yml);
-# 4. evaluate the pretrained and the StABlE model with the same Langevin simulations
-#    (configs/simulate.yml);
-# 5. in parallel with 2-4: the same evaluation of the original's published SchNet aspirin
-#    checkpoints (pretrained and StABlE; DFT MD17-trained), if /work/shared holds them;
-# 6. report.py: table, figures, VALIDATION.md numbers.
-# Everything large goes to experiments/xtb_aspirin/out/ (git-ignored).  Rerunning reuses what
-# exists (data, checkpoints, finished training/evaluations); `rm -rf experiments/xtb_aspirin/out`
-# starts over.  Per-stage wall times are appended to out/timings.tsv.
+#   --data      the GFN2-xTB aspirin trajectory (MD17-format npz; default data/raw/xtb_aspirin_500K.npz,
+#               relative to the repository root). Without it, XTB_FRAMES (20000) frames of GFN2-xTB
+#               MD at 500 K are generated with tblite (slow, needs tblite).
+#   --original  folder with the original's published checkpoints
+#               (schnet_aspirin_1k_pretrained/best_checkpoint.pt, schnet_aspirin_1k_stable/ckpt.pt;
+#               default data/original_stable_checkpoints); skipped when absent.
+#   --skip-10k  no QM(10k) baseline.
+#   --quick     the same stages at small scale (3-block SchNet, few epochs, 4-8 replicas, 0.4 ps
+#               horizons) into out_quick/; report into out_quick/report/. A smoke test of the
+#               pipeline, not a result.
+#
+# Stages (each skipped when its marker out*/done/<stage> exists; one long job at a time):
+#   data → qm_1k (pretraining, configs/qm_1k.yml) → qm_10k (configs/qm_10k.yml) →
+#   stable_1k (StABlE from qm_1k's best checkpoint, configs/stable_1k.yml) →
+#   pilot_<T>K (QM(1k), another seed and fewer replicas: sets the horizon at T = 500, 700 K) →
+#   eval_<model>_<T>K (configs/eval.yml: qm_1k, stable_1k, qm_10k, original_qm_1k,
+#   original_stable_1k at 500 and 700 K, same starts and noise for all) → report.
+# Interrupted? Rerun the same command: pretraining and StABlE training resume from their last
+# epoch; an evaluation has no resume and reruns whole (minutes to hours, see README.md).
+# Horizon (ps) at T: HORIZON_<T>K if set, else max(HORIZON_MIN, HORIZON_FACTOR x the pilot's
+# Kaplan–Meier median) in whole evaluation epochs (1 ps), capped at HORIZON_MAX; stored in
+# out/horizon_<T>K.txt and reused. The evaluation runs themselves are never used to choose it.
+# Logs: out/logs/<stage>.log; wall times: out/timings.tsv. Small outputs (checkpoints < 1 MB,
+# per-evaluation metrics and stability times) are copied to checkpoints/ and results/ (tracked;
+# --quick: out_quick/checkpoints, out_quick/report); run.sh does not commit them.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$HERE/../.."                       # repository root: all config paths are relative to it
-[ -f .venv/bin/activate ] && . .venv/bin/activate
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+cd "$HERE/../.."                       # repository root: all paths below are relative to it
 E=experiments/xtb_aspirin
-OUT=$E/out
 CFG=$E/configs
-RAW=${RAW:-/work/shared/data/xtb_aspirin_500K.npz}
-ORIG=${ORIG:-/work/shared/reference/original_stable_checkpoints}
-XTB_FRAMES=${XTB_FRAMES:-20000}
-mkdir -p "$OUT/logs"
-TIMES=$OUT/timings.tsv
 
-stage() {  # stage NAME LOGFILE CMD...  — run, log, record wall time
-    local name=$1 log=$2; shift 2
-    local t0; t0=$(date +%s)
-    echo "[$(date +%T)] $name: $*" | tee -a "$OUT/logs/commands.log"
-    if "$@" > "$log" 2>&1; then
-        printf '%s\t%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" "$(date -Is)" >> "$TIMES"
-        echo "[$(date +%T)] $name done in $(( $(date +%s) - t0 )) s"
-    else
-        echo "[$(date +%T)] $name FAILED (see $log)"; tail -n 20 "$log"; return 1
-    fi
-}
-
-T_START=$(date +%s)
-echo "study started $(date -Is)" >> "$TIMES"
-
-# ---- 1. data
-if [ ! -f "$OUT/data/xtb/aspirin/1k/test/data.npz" ]; then
-    if [ -f "$RAW" ]; then
-        stage data "$OUT/logs/data.log" python download_stable_paper_data.py --dataset xtb --molecule aspirin \
-            --raw "$RAW" --data-dir "$OUT/data" --no-progress
-    else
-        stage data "$OUT/logs/data.log" python download_stable_paper_data.py --dataset xtb --molecule aspirin \
-            --frames "$XTB_FRAMES" --temperature 500 --data-dir "$OUT/data" --no-progress
-    fi
-fi
-
-# ---- 5. the original's checkpoints (background stream; independent of our training)
-SIM_ORIG=(python stable_training.py --config-yml "$CFG/simulate_original.yml")
-original_stream() {
-    for which in pretrained:schnet_aspirin_1k_pretrained/best_checkpoint.pt stable:schnet_aspirin_1k_stable/ckpt.pt; do
-        local tag=${which%%:*} src=$ORIG/${which#*:}
-        local ck=$OUT/original_checkpoints/$tag.pt
-        if compgen -G "$OUT/stable_runs/schnet_aspirin_original_${tag}_*/inference/pre/final_metrics.json" > /dev/null; then continue; fi
-        [ -f "$ck" ] || python "$E/convert_original.py" "$src" "$ck" >> "$OUT/logs/convert_original.log" 2>&1
-        stage "eval_original_$tag" "$OUT/logs/eval_original_$tag.log" "${SIM_ORIG[@]}" \
-            --set exp_name=original_$tag --set pretrained_checkpoint="$ck"
-    done
-}
-BG=""
-if [ -d "$ORIG" ]; then
-    original_stream & BG=$!
-else
-    echo "no $ORIG: skipping the original's checkpoints"
-fi
-
-# ---- 2. pretraining
-PRE_CK=$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt
-if [ ! -f "$OUT/MODELPATH/xtb-aspirin_1k_schnet/.done" ]; then
-    stage pretrain "$OUT/logs/pretrain.log" python pretraining.py --mode train --config-yml "$CFG/pretrain.yml"
-    touch "$OUT/MODELPATH/xtb-aspirin_1k_schnet/.done"
-fi
-
-# ---- 3. StABlE training (resumes if interrupted; finished runs return at once)
-if [ ! -f "$OUT/stable_runs/.ours_trained" ]; then
-    stage stable_train "$OUT/logs/stable_train.log" python stable_training.py --config-yml "$CFG/train.yml"
-    touch "$OUT/stable_runs/.ours_trained"
-fi
-
-# ---- 4. evaluation of ours: pretrained (pre) and StABlE (post), side by side (1 thread each)
-EV=()
-for em in pre post; do
-    if ! compgen -G "$OUT/stable_runs/schnet_aspirin_ours_*/inference/$em/final_metrics.json" > /dev/null; then
-        stage "eval_ours_$em" "$OUT/logs/eval_ours_$em.log" python stable_training.py \
-            --config-yml "$CFG/simulate.yml" --eval_model "$em" & EV+=($!)
-    fi
+QUICK=0 SKIP10K=0
+RAW=data/raw/xtb_aspirin_500K.npz
+ORIG=data/original_stable_checkpoints
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) QUICK=1 ;;
+        --skip-10k) SKIP10K=1 ;;
+        --data) RAW=${2:?--data needs a path}; shift ;;
+        --original) ORIG=${2:?--original needs a folder}; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+        *) echo "run.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
 done
-for p in "${EV[@]}"; do wait "$p"; done
+[ -f .venv/bin/activate ] && . .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 1)} PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+XTB_FRAMES=${XTB_FRAMES:-20000}
 
-[ -n "$BG" ] && wait "$BG"
-printf 'total\t%s\t%s\n' "$(( $(date +%s) - T_START ))" "$(date -Is)" >> "$TIMES"
+if [ $QUICK = 1 ]; then
+    OUT=$E/out_quick DEST=$E/out_quick/report CKPT=$E/out_quick/checkpoints
+    # small scale: 3 interaction blocks, few epochs, 8 StABlE / 4 evaluation replicas, reference
+    # observables from the 1k split, evaluation epochs of 0.2 ps checked every 10 fs, 0.4 ps horizons
+    # (estimated <= 45 min on 2 cores: README.md)
+    PRE_Q=(--set model.num_interactions=3 --set optim.max_epochs=3)
+    PRE10_Q=(--set model.num_interactions=3 --set optim.max_epochs=1)
+    STABLE_Q=(--set n_replicas=8 --set steps=200 --set n_dump=20 --set n_epochs=4 --set max_size=1k)
+    EVAL_Q=(--set n_replicas=4 --set steps=400 --set n_dump=20 --set max_size=1k)
+    EPOCH_PS=0.2 PILOT_REPLICAS=4 PILOT_PS=${PILOT_PS:-0.4}
+    HORIZON_MIN=${HORIZON_MIN:-0.4} HORIZON_FACTOR=${HORIZON_FACTOR:-3} HORIZON_MAX=${HORIZON_MAX:-0.4}
+else
+    OUT=$E/out DEST=$E CKPT=$E/checkpoints
+    PRE_Q=() PRE10_Q=() STABLE_Q=() EVAL_Q=()
+    EPOCH_PS=1 PILOT_REPLICAS=16 PILOT_PS=${PILOT_PS:-20}   # configs/eval.yml: steps 2000 x 0.5 fs
+    HORIZON_MIN=${HORIZON_MIN:-20} HORIZON_FACTOR=${HORIZON_FACTOR:-3} HORIZON_MAX=${HORIZON_MAX:-100}
+fi
+epochs() { awk -v h="$1" -v e="$EPOCH_PS" 'BEGIN { n = int(h / e + 0.5); print (n < 1 ? 1 : n) }'; }
+PILOT_SEED=1001   # the evaluations use seed 7 (configs/eval.yml)
+mkdir -p "$OUT/logs" "$OUT/done" "$CKPT" "$DEST/results/evals"
+TIMES=$OUT/timings.tsv
+PRE_PATHS=(--set "dataset.src=$OUT/data" --set "run_dir=$OUT/MODELPATH")
+ST_PATHS=(--set "src=$OUT/data" --set "model_dir=$OUT/MODELPATH" --set "log_dir=$OUT")
 
-# ---- 6. report
-stage report "$OUT/logs/report.log" python "$E/report.py"
-cat "$OUT/logs/report.log"
+stage() {  # stage NAME CMD... — skip if done; run with a log; record wall time; mark done
+    local name=$1; shift
+    if [ -f "$OUT/done/$name" ]; then echo "[$(date +%T)] $name: done before, skipped"; return 0; fi
+    local log=$OUT/logs/$name.log t0; t0=$(date +%s)
+    echo "[$(date +%T)] $name: $*" | tee -a "$OUT/logs/commands.log"
+    if "$@" >> "$log" 2>&1; then
+        printf '%s\t%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" "$(date -Is)" >> "$TIMES"
+        touch "$OUT/done/$name"
+        echo "[$(date +%T)] $name: finished in $(( $(date +%s) - t0 )) s"
+    else
+        echo "[$(date +%T)] $name: FAILED (log $log)" >&2; tail -n 20 "$log" >&2; exit 1
+    fi
+}
+
+export_ckpt() {  # export_ckpt SRC NAME — small loadable copy in $CKPT (checked < 1 MB)
+    python "$E/convert_original.py" "$1" "$CKPT/$2.pt" --max-bytes 1000000 >> "$OUT/logs/export.log" 2>&1 \
+        || { echo "exporting $1 failed (see $OUT/logs/export.log)" >&2; exit 1; }
+}
+
+report() { python "$E/report.py" --out "$OUT" --dest "$DEST" --no-figures > "$OUT/logs/report.log" 2>&1 \
+    || echo "report.py failed (see $OUT/logs/report.log)" >&2; }
+
+echo "study ($([ $QUICK = 1 ] && echo quick || echo full)) started $(date -Is), OMP_NUM_THREADS=$OMP_NUM_THREADS" | tee -a "$TIMES"
+
+# ---- data
+if [ -f "$RAW" ]; then
+    stage data python download_stable_paper_data.py --dataset xtb --molecule aspirin --raw "$RAW" \
+        --data-dir "$OUT/data" --no-progress
+else
+    echo "no $RAW: generating $XTB_FRAMES frames of GFN2-xTB MD (tblite)"
+    stage data python download_stable_paper_data.py --dataset xtb --molecule aspirin --frames "$XTB_FRAMES" \
+        --temperature 500 --data-dir "$OUT/data" --no-progress
+fi
+
+# ---- QM pretraining (resumes from checkpoint.pt when rerun)
+stage qm_1k python pretraining.py --mode train --config-yml "$CFG/qm_1k.yml" "${PRE_PATHS[@]}" "${PRE_Q[@]}"
+[ -f "$CKPT/qm_1k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt" qm_1k
+if [ $SKIP10K = 0 ]; then
+    stage qm_10k python pretraining.py --mode train --config-yml "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
+    [ -f "$CKPT/qm_10k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints/best_checkpoint.pt" qm_10k
+fi
+
+# ---- StABlE training from qm_1k's best checkpoint (resumes from resume.pt when rerun)
+stage stable_1k python stable_training.py --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "${STABLE_Q[@]}"
+[ -f "$CKPT/stable_1k.pt" ] || export_ckpt "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_*/ckpt.pt | head -n 1)" stable_1k
+report
+
+# ---- the original's checkpoints (DFT MD17-trained), re-saved in our format
+MODELS=(qm_1k stable_1k)
+[ $SKIP10K = 0 ] && MODELS+=(qm_10k)
+if [ -d "$ORIG" ]; then
+    [ -f "$OUT/original/original_qm_1k.pt" ] || python "$E/convert_original.py" \
+        "$ORIG/schnet_aspirin_1k_pretrained/best_checkpoint.pt" "$OUT/original/original_qm_1k.pt" >> "$OUT/logs/export.log" 2>&1
+    [ -f "$OUT/original/original_stable_1k.pt" ] || python "$E/convert_original.py" \
+        "$ORIG/schnet_aspirin_1k_stable/ckpt.pt" "$OUT/original/original_stable_1k.pt" >> "$OUT/logs/export.log" 2>&1
+    MODELS+=(original_qm_1k original_stable_1k)
+else
+    echo "no $ORIG: skipping the original's checkpoints (--original DIR)"
+fi
+ckpt_of() { case $1 in original_*) echo "$OUT/original/$1.pt" ;; *) echo "$CKPT/$1.pt" ;; esac; }
+EVAL=(python stable_training.py --config-yml "$CFG/eval.yml" "${ST_PATHS[@]}" "${EVAL_Q[@]}")
+
+# ---- pilot of QM(1k) per temperature (another seed, fewer replicas) → horizon
+for T in 500 700; do
+    stage "pilot_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "exp_name=pilot_qm_1k_${T}K" \
+        --set "pretrained_checkpoint=$(ckpt_of qm_1k)" --set "seed=$PILOT_SEED" \
+        --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$PILOT_PS")"
+    var=HORIZON_${T}K
+    if [ -n "${!var:-}" ]; then
+        echo "${!var}" > "$OUT/horizon_${T}K.txt"
+    elif [ ! -f "$OUT/horizon_${T}K.txt" ]; then
+        python "$E/horizon.py" "$(ls -d "$OUT"/evals/schnet_aspirin_pilot_qm_1k_${T}K_*/inference/pre | head -n 1)" \
+            --min "$HORIZON_MIN" --factor "$HORIZON_FACTOR" --max "$HORIZON_MAX" --epoch-ps "$EPOCH_PS" \
+            > "$OUT/horizon_${T}K.txt"
+    fi
+    echo "horizon at $T K: $(cat "$OUT/horizon_${T}K.txt") ps"
+done
+
+# ---- evaluations: every model at both temperatures, identical protocol, starts and noise
+for M in "${MODELS[@]}"; do
+    for T in 500 700; do
+        H=$(cat "$OUT/horizon_${T}K.txt")
+        stage "eval_${M}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$(epochs "$H")" \
+            --set "exp_name=${M}_${T}K" --set "pretrained_checkpoint=$(ckpt_of "$M")"
+        dst=$DEST/results/evals/${M}_${T}K
+        if [ ! -f "$dst/final_metrics.json" ]; then
+            src=$(ls -d "$OUT"/evals/schnet_aspirin_${M}_${T}K_*/inference/pre | head -n 1)
+            mkdir -p "$dst"
+            for f in final_metrics.json replicas_stable_time.npy simulate_config.yml \
+                     final_rdf_maes.npy final_adf_maes.npy final_vacf_maes.npy; do
+                [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
+            done
+        fi
+        report
+    done
+done
+
+printf 'total\t%s\t%s\n' "$SECONDS" "$(date -Is)" >> "$TIMES"
+stage_report() { python "$E/report.py" --out "$OUT" --dest "$DEST"; }
+rm -f "$OUT/done/report"; stage report stage_report
+cat "$DEST/results/results.md"
+if [ $QUICK = 0 ]; then
+    echo; echo "Reminder: commit the small outputs: git add $CKPT $DEST/results $DEST/figures && git commit"
+fi

@@ -1,0 +1,130 @@
+"""The xTB-aspirin study's report (experiments/xtb_aspirin/report.py) and horizon rule
+(horizon.py) on a tiny synthetic evaluation layout (fake npy/json, no simulation)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mdsim import stats
+
+pytest.importorskip("matplotlib")
+STUDY = Path(__file__).resolve().parents[1] / "experiments" / "xtb_aspirin"
+
+
+def _load(name):
+    sys.path.insert(0, str(STUDY))
+    try:
+        spec = importlib.util.spec_from_file_location(f"study_{name}", STUDY / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(STUDY))
+
+
+def fake_eval(root: Path, exp: str, times, n_stable: int, horizon_ps: int, rng):
+    """An evaluation folder as stable_training.py writes it (only what report.py reads)."""
+    d = root / "evals" / f"schnet_aspirin_{exp}_lr=0.001_efweight=10" / "inference" / "pre"
+    d.mkdir(parents=True)
+    t = np.asarray(times, dtype=np.float64)
+    R = t.size
+    simulated = horizon_ps if n_stable or (t >= horizon_ps).any() else float(np.ceil(t.max()))
+    np.save(d / "replicas_stable_time.npy", t)
+    cfg = {"n_epochs": horizon_ps, "steps": 2000, "timestep": 0.5, "max_rdf_dist": 10.0, "dr": 0.02,
+           "angle_range": [0.0, 180.0], "temperature": 500.0}
+    (d / "simulate_config.yml").write_text(yaml.safe_dump(cfg))
+    m = {"Energy MAE (eV)": 0.05, "Force MAE (eV/A)": 0.1, "Simulated Time (ps)": simulated,
+         "Fraction Stable": n_stable / R, "n_replicas": R, "Mean RDF MAE": 0.2, "Std Dev RDF MAE": 0.01,
+         "Mean ADF MAE": 0.003, "Std Dev ADF MAE": 0.001, "Mean VACF MAE": None, "Std Dev VACF MAE": None}
+    (d / "final_metrics.json").write_text(json.dumps(m))
+    np.save(d / "gt_rdf.npy", rng.random(500))
+    np.save(d / "gt_adf.npy", rng.random(180))
+    np.save(d / "final_rdfs.npy", rng.random((R, 500)))
+    np.save(d / "final_adfs.npy", rng.random((R, 180)))
+    return d
+
+
+def test_report_on_synthetic_layout(tmp_path):
+    report = _load("report")
+    rng = np.random.default_rng(0)
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    H = 20
+    # QM(1k): all unstable early, checked every 0.05 ps
+    qm = np.round(rng.exponential(2.0, 32) / 0.05).clip(1, 399) * 0.05
+    fake_eval(out, "qm_1k_500K", qm, 0, H, rng)
+    # StABlE: 20 still stable at 20 ps, 2 flagged at the last check (also recorded as 20 ps), 10 earlier
+    st = np.concatenate([np.full(22, float(H)), np.round(rng.uniform(2, 19, 10) / 0.05) * 0.05])
+    fake_eval(out, "stable_1k_500K", st, 20, H, rng)
+    # 700 K: only QM(1k), and only as the small copy run.sh keeps in results/evals
+    d7 = fake_eval(tmp_path / "gone", "qm_1k_700K", qm / 2, 0, H, rng)
+    copy = dest / "results" / "evals" / "qm_1k_700K"
+    copy.mkdir(parents=True)
+    for f in ("final_metrics.json", "replicas_stable_time.npy", "simulate_config.yml"):
+        (copy / f).write_bytes((d7 / f).read_bytes())
+
+    assert report.main(["--out", str(out), "--dest", str(dest)]) == 0
+    res = json.loads((dest / "results" / "results.json").read_text())
+    rows = {r["model"]: r for r in res["temperatures"]["500"]["models"]}
+    q, s = rows["qm_1k"], rows["stable_1k"]
+    assert rows["qm_10k"]["status"] == "not run yet"
+    assert "original QM(1k), DFT MD17 at 700 K" in res["not_run"]
+    # no censoring: RMST is the mean of min(t, H), the median the lower sample median
+    assert q["rmst_ps"] == pytest.approx(np.minimum(qm, H).mean(), abs=1e-6)
+    assert q["km_median_ps"] == pytest.approx(np.sort(qm)[15], abs=1e-6)
+    assert q["stable_to_horizon"] == 0 and q["events"] == 32
+    # censoring: 20 of the 22 at the horizon are censored, 2 are events
+    assert s["stable_to_horizon"] == 20 and s["events"] == 12 and sum(s["censored"]) == 20
+    km = stats.kaplan_meier(st, stats.censored_at_horizon(st, H, 20))
+    assert s["rmst_ps"] == pytest.approx(km.rmst(H).estimate, abs=1e-6)
+    assert s["km_median_ps"] is None  # > half stable to the end: median not reached
+    lo, hi = s["rmst_ratio_vs_qm_1k"][1:]
+    assert lo < s["rmst_ps"] / q["rmst_ps"] < hi and lo > 1
+    assert s["logrank_vs_qm_1k"]["p"] < 1e-6
+    assert s["paired_sign_test_vs_qm_1k"]["b_longer"] > 25
+    assert res["temperatures"]["700"]["models"][0]["folder"] == str(copy)
+    md = (dest / "results" / "results.md").read_text()
+    assert "not run yet" in md and "StABlE(1k)" in md and "not reached" in md
+    for f in ("km_500K.png", "km_700K.png", "stability_hist_500K.png", "observables_500K.png"):
+        assert (dest / "figures" / f).stat().st_size > 1000, f
+
+
+def test_report_training_curves_from_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+    report = _load("report")
+    logs = tmp_path / "out" / "stable_runs" / "schnet_aspirin_stable_1k_lr=0.001_efweight=10" / "logs"
+    w = SummaryWriter(str(logs))
+    for e in range(1, 6):
+        w.add_scalar("Fraction of Unstable Replicas", 0.8 / e, e)
+        w.add_scalar("Force MAE", 0.1 + 0.01 * e, e)
+        w.add_scalar("Learning Rate", 0.0 if e < 3 else 1e-3, e)
+    w.close()
+    dest = tmp_path / "dest"
+    assert report.main(["--out", str(tmp_path / "out"), "--dest", str(dest)]) == 0
+    res = json.loads((dest / "results" / "results.json").read_text())
+    assert res["stable_training"]["epochs"] == 5 and res["stable_training"]["learning_epochs"] == 3
+    assert res["stable_training"]["force_mae_first_last"] == pytest.approx([0.11, 0.15])
+    assert (dest / "figures" / "stable_training.png").is_file()
+    # the scalars were cached in results/, so the report still has them once out/ is gone
+    import shutil
+    shutil.rmtree(tmp_path / "out")
+    assert report.main(["--out", str(tmp_path / "out"), "--dest", str(dest), "--no-figures"]) == 0
+    assert json.loads((dest / "results" / "results.json").read_text())["stable_training"]["learning_epochs"] == 3
+
+
+def test_horizon_rule(tmp_path):
+    horizon = _load("horizon")
+    rng = np.random.default_rng(1)
+    d = fake_eval(tmp_path, "pilot_qm_1k_500K", [1.0, 2.0, 3.0, 4.0, 9.5, 12.0], 0, 20, rng)
+    # KM median = 3 ps (smallest t with S <= 1/2): 3 x 3 = 9 -> the minimum 20 wins; factor 10 -> 30
+    assert horizon.horizon(d, 20, 3, 100) == 20
+    assert horizon.horizon(d, 20, 10, 100) == 30
+    assert horizon.horizon(d, 20, 10, 25) == 25
+    assert horizon.horizon(d, 0.4, 0.5, 5, epoch_ps=0.2) == pytest.approx(1.6)  # 1.5 ps -> 8 epochs of 0.2
+    # median not reached within the pilot (4 of 6 stable at 20 ps): the pilot length stands in
+    d2 = fake_eval(tmp_path / "b", "pilot_qm_1k_700K", [1.0, 2.0, 20, 20, 20, 20], 4, 20, rng)
+    assert horizon.horizon(d2, 20, 3, 100) == 60
