@@ -97,7 +97,8 @@ def build_system(frames: dict, criterion: str, tolerance: float, dtype=torch.flo
 DEFAULTS = {"replicas": 1, "steps": 1000, "integrator": "NoseHoover", "temperature": 500.0, "timestep": 0.5,
             "gamma": 0.1, "ttime": 20.0, "n_dump": 100, "seed": 0, "dtype": "float32",
             "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2,
-            "md_backend": "auto", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.5}
+            "md_backend": "auto", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.5,
+            "frame_offset": 0}
 
 
 def parse_args(argv=None):
@@ -138,6 +139,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
+    p.add_argument("--frame-offset", dest="frame_offset", type=int, default=None,
+                   help="start from the --init frames from this index on (default 0; config init_frame_offset)")
     p.add_argument("--ic-stddev", dest="ic_stddev", type=float, default=None,
                    help="Gaussian noise added to the initial positions (Å, default 0)")
     p.add_argument("--stop-fraction", dest="stop_fraction", type=float, default=None,
@@ -200,7 +203,8 @@ def _apply_config(args) -> None:
         "ttime": cfg.integrator_config.ttime, "n_dump": cfg.n_dump, "seed": cfg.seed,
         "stability_criterion": cfg.stability_criterion, "bond_dev_tol": cfg.bond_dev_tol, "imd_tol": cfg.imd_tol,
         "dtype": cfg.dtype, "md_backend": cfg.md_backend, "dof_convention": cfg.dof_convention,
-        "neighbor_skin": -1.0 if cfg.neighbor_skin is None else cfg.neighbor_skin, "ic_stddev": cfg.ic_stddev, "stop_fraction": cfg.max_frac_unstable_threshold, "stop_every": -(-cfg.steps // cfg.n_dump) * cfg.n_dump,
+        "neighbor_skin": -1.0 if cfg.neighbor_skin is None else cfg.neighbor_skin, "ic_stddev": cfg.ic_stddev,
+        "frame_offset": cfg.init_frame_offset, "stop_fraction": cfg.max_frac_unstable_threshold, "stop_every": -(-cfg.steps // cfg.n_dump) * cfg.n_dump,
     }
     for k, v in fill.items():
         if getattr(args, k) is None:  # explicit flags win
@@ -238,7 +242,12 @@ def main(argv=None) -> int:
                     n_dump=args.n_dump, out_dir=args.out, dump_replicas=dump, seed=args.seed, device=device,
                     dtype=dtype, md_backend=args.md_backend, dof_convention=args.dof_convention,
                     neighbor_skin=None if args.neighbor_skin < 0 else args.neighbor_skin)
-    state = sim.initial_state(frames["R"], args.replicas, mode=args.frames, cells=frames["cell"],
+    if args.frame_offset < 0 or args.frame_offset >= len(frames["R"]):
+        raise SystemExit(f"--frame-offset: expected 0 … {len(frames['R']) - 1}, got {args.frame_offset}")
+    cells = frames["cell"]
+    if cells is not None and getattr(cells, "ndim", 0) == 3:
+        cells = cells[args.frame_offset:]
+    state = sim.initial_state(frames["R"][args.frame_offset:], args.replicas, mode=args.frames, cells=cells,
                               ic_stddev=args.ic_stddev)
     t0 = time.perf_counter()
     res = sim.run(state, args.steps, progress=not args.no_progress, stop_fraction=args.stop_fraction,

@@ -21,13 +21,14 @@ def _base(xtb_data_root, model_dir, tmp_path):
             "--set", f"model_dir={model_dir}", "--set", f"log_dir={tmp_path}"]
 
 
-def test_simulator_and_evaluation_give_the_same_stability_times(xtb_data_root, tiny_pretrained, tmp_path):
+@pytest.mark.parametrize("offset", [0, 3])
+def test_simulator_and_evaluation_give_the_same_stability_times(xtb_data_root, tiny_pretrained, tmp_path, offset):
     """Same config and seed: same initial frames and velocities, same noise order, same check
     cadence, same bond reference (train split) and same early stop → identical per-replica
     stability times.  A tight tolerance and a hot start make replicas fail at different steps."""
     model_dir, _ = tiny_pretrained
     sets = ["n_replicas=4", "steps=20", "n_epochs=3", "n_dump=5", "bond_dev_tol=0.2", "temperature=2000",
-            "max_frac_unstable_threshold=0.99", "progress=false"]
+            "max_frac_unstable_threshold=0.99", "progress=false", f"init_frame_offset={offset}"]
     argv = _base(xtb_data_root, model_dir, tmp_path) + sum((["--set", s] for s in sets), [])
     assert stable_training.main(argv + ["--eval_model", "pre"]) == 0
     ev = np.load(next((tmp_path).rglob("inference/pre/replicas_stable_time.npy")))
@@ -35,6 +36,8 @@ def test_simulator_and_evaluation_give_the_same_stability_times(xtb_data_root, t
     assert simulator.main(argv + ["--eval_model", "pre", "--out", str(out), "--no-progress"]) == 0
     sim = json.loads((out / "stability.json").read_text())
     np.testing.assert_allclose(sim["stability_time_ps"], ev, rtol=1e-12)
+    censored = np.load(next((tmp_path).rglob("inference/pre/replicas_stable.npy")))
+    assert censored.dtype == bool and censored.tolist() == [bool(x) for x in sim["stable"]]
     times = sorted(set(np.round(ev, 6)))
     assert len(times) >= 3, ev  # some replicas failed, at different times
 

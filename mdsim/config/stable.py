@@ -88,6 +88,9 @@ class StableConfig:
     n_dump: int = option(100, "Frame stride (steps) for stored frames, stability checks and dumps.", min=1)
     n_replicas: int = option(128, "Number of parallel replicas.", min=1)
     ic_stddev: float = option(0.0, "Gaussian noise added to initial positions (Å).", min=0.0)
+    init_frame_offset: int = option(0, "(new) Evaluation: replicas start from test frames init_frame_offset … "
+                                    "init_frame_offset + n_replicas − 1 (a pilot run on other starts than "
+                                    "the evaluation's).", min=0)
     # ---- mode
     train: bool = option(True, "True = StABlE training, False = evaluation (simulate.yml).")
     eval_model: str = option("pre", "Checkpoint to evaluate: pre, <size> (10k, 50k...), lmax=<l>, post, "

@@ -56,7 +56,10 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     sizes = comm.shard_sizes(R)
     Rl = shard.hi - shard.lo
     gen = torch.Generator().manual_seed(cfg.seed)
-    state = initial_shard(ctx, ctx.test.R, R, gen, shard, "first")
+    if cfg.init_frame_offset + R > len(ctx.test.R):
+        raise setup.SetupError(f"init_frame_offset: {cfg.init_frame_offset} + n_replicas {R} exceeds the "
+                               f"{len(ctx.test.R)} test frames")
+    state = initial_shard(ctx, ctx.test.R[cfg.init_frame_offset:], R, gen, shard, "first")
     ef = ef_errors(ctx.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES, comm=comm)
     integrator, md_gen = md_integrator(ctx, comm, shard, gen)
     tracker = StabilityTracker(Rl, cfg.stability_criterion, device=ctx.device)
@@ -147,6 +150,8 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         metrics["Mean VACF MAE"], metrics["Std Dev VACF MAE"] = m, s
     metrics = {k: (None if (v is None or not math.isfinite(v)) else v) for k, v in metrics.items()}
     np.save(out / "replicas_stable_time.npy", stab)
+    # (R,) bool: never flagged unstable (right-censored at the simulated time in survival analysis)
+    np.save(out / "replicas_stable.npy", stable_now.cpu().numpy().astype(bool))
     np.save(out / "full_traj.npy", traj.numpy())  # (R, frames, N, 3)
     np.save(out / "final_rdfs.npy", rdfs.numpy())
     np.save(out / "final_adfs.npy", adfs.numpy())
