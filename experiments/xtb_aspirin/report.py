@@ -19,9 +19,10 @@ Works on partial results: models without an evaluation are listed as "not run ye
 
 Censoring: the evaluation records a replica's stability time at the resolution of its checks
 (every n_dump steps) and gives replicas still stable at the end the simulated time, the same
-value as a replica flagged at the very last check.  ``final_metrics.json``'s "Fraction Stable"
-gives how many are still stable, which is all the survival statistics need (see
-``mdsim.stats.censored_at_horizon``).
+value as a replica flagged at the very last check.  ``replicas_stable.npy`` (written by the
+evaluation) flags the replicas never found unstable (censored); for older folders without it,
+``final_metrics.json``'s "Fraction Stable" gives how many are still stable, which is all the
+survival statistics need (see ``mdsim.stats.censored_at_horizon``).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ BASELINE = "qm_1k"
 TEMPERATURES = (500, 700)
 COLORS = {"qm_1k": "C3", "stable_1k": "C2", "qm_10k": "C0", "original_qm_1k": "C1", "original_stable_1k": "C4"}
 STYLES = {"qm_1k": "-", "stable_1k": "--", "qm_10k": "-.", "original_qm_1k": ":", "original_stable_1k": (0, (6, 2, 1, 2))}
-SMALL_FILES = ("final_metrics.json", "replicas_stable_time.npy", "simulate_config.yml",
+SMALL_FILES = ("final_metrics.json", "replicas_stable_time.npy", "replicas_stable.npy", "simulate_config.yml",
                "final_rdf_maes.npy", "final_adf_maes.npy", "final_vacf_maes.npy")
 
 
@@ -80,8 +81,13 @@ def load_eval(d: Path) -> dict:
         raise ValueError(f"{d}: {t.size} stability times but n_replicas {n}")
     horizon = cfg["n_epochs"] * cfg["steps"] * cfg["timestep"] / 1000.0
     simulated = float(m["Simulated Time (ps)"])
-    n_stable = int(round(float(m["Fraction Stable"]) * n))
-    events = stats.censored_at_horizon(t, simulated, n_stable)
+    flags = d / "replicas_stable.npy"
+    if flags.is_file():
+        censored = np.asarray(np.load(flags), dtype=bool)
+        events, n_stable = ~censored, int(censored.sum())
+    else:
+        n_stable = int(round(float(m["Fraction Stable"]) * n))
+        events = stats.censored_at_horizon(t, simulated, n_stable)
     r = {"dir": d, "metrics": m, "config": cfg, "times": t, "events": events, "horizon": horizon,
          "simulated": simulated, "n": n, "n_stable": n_stable}
     for k in ("final_rdfs", "final_adfs", "final_vacfs", "gt_rdf", "gt_adf", "gt_vacf",
