@@ -146,15 +146,18 @@ def prepare_inputs(raw: Path, checkpoint, tmp: Path):
     return tmp / "data", ckpt
 
 
-def checkout(ref: str, tmp: Path) -> Path:
-    """``ref`` as a detached git worktree under ``tmp``."""
+def resolve_ref(ref: str) -> str:
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
                          capture_output=True, text=True)
     if rev.returncode != 0:
         raise SystemExit(f"--compare-to: {ref!r} is not a commit of the repository at {ROOT}")
+    return rev.stdout.strip()
+
+
+def checkout(sha: str, tmp: Path) -> Path:
+    """Commit ``sha`` as a detached git worktree under ``tmp``."""
     where = tmp / "ref"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(where),
-                    rev.stdout.strip()], check=True)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(where), sha], check=True)
     return where
 
 
@@ -229,13 +232,14 @@ def main(argv=None) -> int:
         return 0
 
     raw = resolve_data(args.data)
+    sha = resolve_ref(args.compare_to) if args.compare_to else None
     tmp = Path(tempfile.mkdtemp(prefix="stable_epoch_"))
     ref_tree = None
     try:
         data_dir, ckpt = prepare_inputs(raw, args.checkpoint, tmp)
         sides = [("current", ROOT, args.ef_frames)]
         if args.compare_to:
-            ref_tree = checkout(args.compare_to, tmp)
+            ref_tree = checkout(sha, tmp)
             sides.insert(0, (args.compare_to, ref_tree, None))
         results = {name: [] for name, _, _ in sides}
         for i in range(args.repeats):
