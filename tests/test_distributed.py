@@ -49,6 +49,8 @@ def stable_overrides(data_root, model_dir, log_dir, extra=()):
 
 
 LEARN = ["bond_dev_tol=0.0001", "n_epochs=3"]  # every replica unstable: epoch 1 triggers, 2-3 learn
+# energy/force gradient on 50 random frames: minibatches of 20, 20, 10 dealt to ranks 0, 1, 0
+SUBSET = LEARN + ["energy_force_frames_per_epoch=50"]
 NOISY = ["bond_dev_tol=100", "reset_probability=0.5", "integrator=Langevin", "ic_stddev=0.01"]
 EVAL = ["train=false", "eval_model=pre", "integrator=Langevin", "n_replicas=5", "n_epochs=2", "bond_dev_tol=0.5"]
 
@@ -102,6 +104,8 @@ def two_process_runs(xtb_data_root, tiny_pretrained, tmp_path_factory):
         {"kind": "pretrain", "config": PRE_YML, "overrides": pretrain_overrides(xtb_data_root, out / "pre", 2)},
         {"kind": "stable", "config": TRAIN_YML,
          "overrides": stable_overrides(xtb_data_root, model_dir, out / "learn", LEARN)},
+        {"kind": "stable", "config": TRAIN_YML,
+         "overrides": stable_overrides(xtb_data_root, model_dir, out / "subset", SUBSET)},
         {"kind": "stable", "config": TRAIN_YML,
          "overrides": stable_overrides(xtb_data_root, model_dir, out / "noisy", NOISY + ["n_epochs=2"])},
         {"kind": "evaluate", "config": SIM_YML,
@@ -254,13 +258,15 @@ def test_ddp_pretraining_matches_single_process(two_process_runs, xtb_data_root,
         torch.testing.assert_close(cb["state_dict"][k], v, **PARAM_TOL)
 
 
+@pytest.mark.parametrize("run,extra", [("learn", LEARN), ("subset", SUBSET)])
 def test_sharded_stable_learning_matches_single_process(two_process_runs, xtb_data_root, tiny_pretrained,
-                                                         tmp_path, one_thread):
+                                                         tmp_path, one_thread, run, extra):
+    """Also with energy_force_frames_per_epoch: every rank uses the same random subset."""
     from mdsim.training.stable import train
     model_dir, pre = tiny_pretrained
-    a = train(load_config(StableConfig, TRAIN_YML, stable_overrides(xtb_data_root, model_dir, tmp_path, LEARN)),
+    a = train(load_config(StableConfig, TRAIN_YML, stable_overrides(xtb_data_root, model_dir, tmp_path, extra)),
               **QUIET)
-    b = stable_folder(two_process_runs / "learn")
+    b = stable_folder(two_process_runs / run)
     assert {p.name for p in a.glob("*.pt")} == {p.name for p in b.glob("*.pt")}
     pa = torch.load(a / "ckpt.pt", weights_only=False)["state_dict"]
     pb = torch.load(b / "ckpt.pt", weights_only=False)["state_dict"]
@@ -274,6 +280,7 @@ def test_sharded_stable_learning_matches_single_process(two_process_runs, xtb_da
     assert rb["world_size"] == 2 and rb["state"]["positions"].shape[0] == 4  # the global MD state
     assert rb["phase"] == ra["phase"]
     assert torch.equal(rb["gen"], ra["gen"]) and torch.equal(rb["shuffle_gen"], ra["shuffle_gen"])
+    assert torch.equal(rb["ef_gen"], ra["ef_gen"])
     for k in ra["optimizer"]["state"]:
         for name, t in ra["optimizer"]["state"][k].items():
             if torch.is_tensor(t) and t.is_floating_point():

@@ -123,6 +123,11 @@ class StableConfig:
                                                             "fraction reaches max_frac_unstable_threshold.")
     only_train_on_unstable_replicas: bool = option(False, "Estimator samples only from unstable replicas.")
     minibatch_size: int = option(40, "Estimator / energy-force minibatch size.", min=1)
+    energy_force_frames_per_epoch: Optional[int] = option(
+        None, "(new) Training frames of the energy/force gradient per learning epoch: a fresh random "
+        "subset of this many frames (without replacement, from its own generator seeded by `seed`; "
+        "unbiased estimate of the full gradient), in minibatches of `minibatch_size`. null = all "
+        "training frames, as the original; a value ≥ the number of training frames also uses all.", min=1)
     gradient_clipping: bool = option(True, "Clip the total gradient norm.")
     grad_clip_norm_threshold: float = option(1.0, "Gradient-norm clip.", min=0.0)
     shuffle: bool = option(True, "Shuffle estimator samples.")

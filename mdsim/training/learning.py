@@ -41,19 +41,25 @@ def energy_fn_for(model, atomic_numbers: Tensor, cell: Optional[Tensor], dtype):
 
 def observable_gradient(model, target: TrainingObservable, samples: Tensor, atomic_numbers: Tensor,
                         cell: Optional[Tensor], kT: float, minibatch_size: int, scale_by_kT: bool,
-                        dtype=torch.float32, shuffle_generator=None, comm=None):
+                        dtype=torch.float32, shuffle_generator=None, comm=None,
+                        observables: Optional[Tensor] = None):
     """Boltzmann-estimator gradient for samples (S, N, 3).  Returns (grads, loss).
 
-    ``shuffle_generator``: the samples are permuted first (the minibatch order).  With a
-    distributed ``comm`` the samples are this rank's share (already in the single-process
-    order); the mean observable and the gradients are all-reduced, so every rank returns the
-    gradient of all samples (:class:`mdsim.estimator.BoltzmannEstimator` with ``comm``)."""
+    ``observables``: ``target.samples`` of these samples (S, K) when already computed (the
+    epoch's monitoring observables), else computed here.  ``shuffle_generator``: the samples
+    are permuted first (the minibatch order).  With a distributed ``comm`` the samples are this
+    rank's share (already in the single-process order); the mean observable and the gradients
+    are all-reduced, so every rank returns the gradient of all samples
+    (:class:`mdsim.estimator.BoltzmannEstimator` with ``comm``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = comm is not None and comm.distributed
     O = None
     if samples.shape[0] or not sharded:
-        with torch.no_grad():
-            O = target.samples(samples.to(torch.float64))
+        if observables is not None:
+            O = observables
+        else:
+            with torch.no_grad():
+                O = target.samples(samples.to(torch.float64))
     if shuffle_generator is not None:
         perm = torch.randperm(samples.shape[0], generator=shuffle_generator)
         samples, O = samples[perm.to(samples.device)], O[perm.to(O.device)]
@@ -63,15 +69,31 @@ def observable_gradient(model, target: TrainingObservable, samples: Tensor, atom
     return grads, stats["loss"]
 
 
+def energy_force_subset(n_frames: int, k: Optional[int], generator: torch.Generator) -> Optional[Tensor]:
+    """Sorted indices of a random subset of ``k`` of ``n_frames`` training frames (without
+    replacement), or None (all frames; nothing drawn) when ``k`` is None or ≥ ``n_frames``.  Every
+    rank holds the same generator state, so every rank draws the same subset."""
+    if k is None or k >= n_frames:
+        return None
+    return torch.randperm(n_frames, generator=generator)[:k].sort().values
+
+
 def energy_force_gradient(model, data: SplitData, settings: EFLossSettings, minibatch_size: int,
-                          device, dtype=torch.float32, max_frames: Optional[int] = None, comm=None):
+                          device, dtype=torch.float32, max_frames: Optional[int] = None, comm=None,
+                          frames: Optional[Tensor] = None):
     """Mean over unshuffled minibatches of ∇θ of the pretraining loss on ``data``.
 
-    With a distributed ``comm`` the minibatches are dealt out to the ranks (batch b to rank
-    b mod W) and the sums all-reduced: every rank returns the mean over all minibatches."""
+    ``frames``: indices of the frames to use (e.g. :func:`energy_force_subset`), in minibatches
+    of ``minibatch_size`` in that order; None = the first ``max_frames`` (all by default).  With
+    a distributed ``comm`` the minibatches are dealt out to the ranks (batch b to rank b mod W)
+    and the sums all-reduced: every rank returns the mean over all minibatches."""
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = EnergyForceLoss(settings)
-    n = len(data) if max_frames is None else min(len(data), max_frames)
+    if frames is None:
+        n = len(data) if max_frames is None else min(len(data), max_frames)
+    else:
+        frames = torch.as_tensor(frames, dtype=torch.long).cpu().numpy()
+        n = len(frames)
     z = torch.as_tensor(data.z, device=device)
     total = [torch.zeros_like(p) for p in params]
     nb, lsum = 0, 0.0
@@ -81,6 +103,8 @@ def energy_force_gradient(model, data: SplitData, settings: EFLossSettings, mini
             nb += 1
             continue
         sl = slice(s, min(n, s + minibatch_size))
+        if frames is not None:
+            sl = frames[sl]
         R = torch.as_tensor(data.R[sl], dtype=dtype, device=device)
         E = torch.as_tensor(data.E[sl], dtype=torch.float64, device=device)
         F = torch.as_tensor(data.F[sl], dtype=dtype, device=device)

@@ -11,6 +11,9 @@ without it, written before the key existed, have the same layout and load as ver
     saved_starts    earlier start states for random resets (global, oldest first)
     flagged         (R,) bool: replicas unstable since the last learning phase
     gen, shuffle_gen  torch.Generator states (MD/velocities/resets; estimator sample order)
+    ef_gen          torch.Generator state of the energy/force frame subsets
+                    (``energy_force_frames_per_epoch``); absent in files written before it
+                    existed, whose runs cannot have set that key (a fresh generator is used)
     optimizer, scheduler  state dicts
     world_size      number of processes that wrote it (informational: any world size resumes)
     phase           {learning, cycle, learn_epoch, epoch (epochs done), lr}
@@ -60,6 +63,7 @@ class ResumeState:
     epoch: int
     lr: float
     world_size: int = 1
+    ef_gen: Optional[torch.Tensor] = None
     version: int = field(default=RESUME_VERSION)
 
     def to_dict(self) -> dict:
@@ -67,7 +71,7 @@ class ResumeState:
                 "state": state_to_dict(self.state),
                 "learn_start": state_to_dict(self.learn_start) if self.learn_start is not None else None,
                 "saved_starts": [state_to_dict(s) for s in self.saved_starts], "gen": self.gen,
-                "flagged": self.flagged.cpu(), "shuffle_gen": self.shuffle_gen, "optimizer": self.optimizer,
+                "flagged": self.flagged.cpu(), "shuffle_gen": self.shuffle_gen, "ef_gen": self.ef_gen, "optimizer": self.optimizer,
                 "scheduler": self.scheduler, "world_size": self.world_size,
                 "phase": {"learning": self.phase.learning, "cycle": self.phase.cycle,
                           "learn_epoch": self.phase.learn_epoch, "epoch": self.epoch, "lr": self.lr}}
@@ -85,7 +89,7 @@ class ResumeState:
                    flagged=d["flagged"].to(device), gen=d["gen"], shuffle_gen=d["shuffle_gen"],
                    optimizer=d["optimizer"], scheduler=d["scheduler"],
                    phase=Phase(p["learning"], p["cycle"], p["learn_epoch"]), epoch=p["epoch"], lr=p["lr"],
-                   world_size=d.get("world_size", 1), version=version)
+                   world_size=d.get("world_size", 1), ef_gen=d.get("ef_gen"), version=version)
 
     def save(self, path: Path) -> None:
         from mdsim.atomic import atomic_torch_save

@@ -32,8 +32,9 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,8 +50,8 @@ from mdsim.md.state import MDState
 from . import distributed, setup
 from .context import EF_TEST_FRAMES, RunContext, Shard, initial_shard, md_integrator, prepare, quiet, save_model
 from .io import write_yaml
-from .learning import (EFLossSettings, apply_update, energy_force_gradient, local_observable_gradient,
-                       observable_gradient)
+from .learning import (EFLossSettings, apply_update, energy_force_gradient, energy_force_subset,
+                       local_observable_gradient, observable_gradient)
 from .phases import END_CYCLE, SIMULATED, START_LEARNING, Event, PhaseRules, next_phase
 from .pretrain import evaluate
 from .resume import ResumeState, check_resumable
@@ -90,9 +91,26 @@ def restart_replicas(ctx: RunContext, target: MDState, mask: torch.Tensor, sourc
     return where_replicas(mask[shard.lo:shard.hi], fresh, target)
 
 
-def epoch_observables(ctx: RunContext, rec, comm: Optional[distributed.Comm] = None) -> Dict[str, float]:
-    """Monitoring losses of one epoch (mean over replicas and frames vs references).  With a
-    distributed ``comm`` the sums over this rank's replicas are all-reduced first."""
+@dataclass
+class FrameObservables:
+    """Per-frame monitoring observables of one epoch's finite frames (this rank's replicas),
+    computed once for the logged losses and reused by the estimator when its training
+    observable is the same function (the smeared RDF for ``rdf``, the ADF for ``adf``)."""
+    finite: torch.Tensor  # (F, r) bool
+    values: Dict[Callable, torch.Tensor]  # function → (finite frames, K), (frame, replica) row-major
+
+    def rows(self, fn: Callable, keep: torch.Tensor) -> Optional[torch.Tensor]:
+        """``fn``'s values of the frames ``keep`` ((F, r) bool, finite ones only) in row-major
+        order, or None when ``fn`` was not computed."""
+        v = self.values.get(fn)
+        return None if v is None else v[keep[self.finite]]
+
+
+def epoch_observables(ctx: RunContext, rec, comm: Optional[distributed.Comm] = None
+                      ) -> Tuple[Dict[str, float], FrameObservables]:
+    """Monitoring losses of one epoch (mean over replicas and frames vs references) and the
+    per-frame values behind them.  With a distributed ``comm`` the sums over this rank's
+    replicas are all-reduced first."""
     comm = comm or distributed.Comm()
     pos = rec.frames.to(torch.float64)
     F, R = pos.shape[:2]
@@ -100,10 +118,12 @@ def epoch_observables(ctx: RunContext, rec, comm: Optional[distributed.Comm] = N
     finite = torch.isfinite(flat).all(dim=(1, 2))
     M, A = ctx.refs.rdf_smeared.numel(), ctx.refs.adf.numel()
     sums = torch.zeros(M + A + 1, dtype=torch.float64, device=pos.device)
+    per_frame = FrameObservables(finite.reshape(F, R), {})
     if finite.any():
         good = flat[finite]
-        sums[:M] = ctx.oset.rdf_smeared(good).sum(0)
-        sums[M:M + A] = ctx.oset.adf(good).sum(0)
+        for fn, lo, hi in ((ctx.oset.rdf_smeared, 0, M), (ctx.oset.adf, M, M + A)):
+            per_frame.values[fn] = fn(good)
+            sums[lo:hi] = per_frame.values[fn].sum(0)
         sums[-1] = good.shape[0]
     comm.all_reduce(sums)
     out = {}
@@ -122,7 +142,7 @@ def epoch_observables(ctx: RunContext, rec, comm: Optional[distributed.Comm] = N
         comm.all_reduce(vs)
         if vs[-1] > 0:
             out["VACF Loss"] = mean_squared_error(vs[:W] / vs[-1], ctx.refs.vacf)
-    return out
+    return out, per_frame
 
 
 def criterion_extreme(cfg: StableConfig, values: torch.Tensor, comm: distributed.Comm) -> Dict[str, float]:
@@ -187,6 +207,8 @@ class StableLoop:
         self.rules = PhaseRules.from_config(cfg)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.shuffle_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+        self.ef_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 2)  # energy/force frame subsets
+        self.ef_test: Optional[Dict[str, float]] = None  # test-set errors of the current parameters
         self.integrator, self.md_gen = md_integrator(ctx, comm, self.shard, self.gen)
         self.ef = EFLossSettings.from_checkpoint(ctx.ckpt)
         self.target = training_observable(cfg.training_observable, ctx.oset, ctx.refs)
@@ -213,6 +235,8 @@ class StableLoop:
             self.learn_start, self.saved_starts, self.flagged = rs.learn_start, rs.saved_starts, rs.flagged
             self.gen.set_state(rs.gen)
             self.shuffle_gen.set_state(rs.shuffle_gen)
+            if rs.ef_gen is not None:
+                self.ef_gen.set_state(rs.ef_gen)
             self.phase, epoch0 = rs.phase, rs.epoch
             self.optimizer, self.scheduler = new_optimizer(self.cfg, self.model, rs.lr)
             self.optimizer.load_state_dict(rs.optimizer)
@@ -226,6 +250,7 @@ class StableLoop:
             config=to_dict(self.cfg), model=self.model.state_dict(), state=self.gather(self.state),
             learn_start=self.learn_start, saved_starts=self.saved_starts, flagged=self.flagged,
             gen=self.gen.get_state(), shuffle_gen=self.shuffle_gen.get_state(),
+            ef_gen=self.ef_gen.get_state(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), phase=self.phase,
             epoch=epochs_done, lr=self.optimizer.param_groups[0]["lr"], world_size=self.comm.world_size)
 
@@ -251,26 +276,42 @@ class StableLoop:
         scalars = {"Fraction of Unstable Replicas": u, "Simulation Time": time.time() - t0,
                    "Learning Rate": self.optimizer.param_groups[0]["lr"]}
         scalars.update(criterion_extreme(cfg, values, comm))
-        scalars.update(epoch_observables(ctx, rec, comm))
+        monitor, per_frame = epoch_observables(ctx, rec, comm)
+        scalars.update(monitor)
         if epoch == 0 or self.phase.learning:
-            m = evaluate(self.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES, comm=comm)
-            scalars.update({"Energy MAE": m["energy_mae"], "Force MAE": m["forces_mae"],
-                            "Energy RMSE": m["energy_rmse"], "Force RMSE": m["forces_rmse"]})
+            scalars.update(self.test_errors())
         lr = None
         if rules.learns(self.phase):
-            scalars.update(self.learn(rec.frames, unstable, u))
+            scalars.update(self.learn(rec.frames, unstable, u, per_frame))
             lr = self.optimizer.param_groups[0]["lr"]
         self.phase, event = next_phase(self.phase, rules, u, lr)
         self.apply(event, epoch, start, end, unstable, u)
         return scalars
 
-    def observable_gradient(self, frames: torch.Tensor, unstable: torch.Tensor):
+    def test_errors(self) -> Dict[str, float]:
+        """Energy/force errors on the test frames (spec §6: at epoch 0 and in learning epochs),
+        computed once per parameter values: an epoch whose parameters were already evaluated
+        (the first learning epoch after a simulation phase, or every epoch when nothing is
+        learned) reuses the values."""
+        if self.ef_test is None:
+            ctx = self.ctx
+            m = evaluate(self.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES,
+                         comm=self.comm)
+            self.ef_test = {"Energy MAE": m["energy_mae"], "Force MAE": m["forces_mae"],
+                            "Energy RMSE": m["energy_rmse"], "Force RMSE": m["forces_rmse"]}
+        return dict(self.ef_test)
+
+    def observable_gradient(self, frames: torch.Tensor, unstable: torch.Tensor,
+                            per_frame: Optional[FrameObservables] = None):
         """The one estimator dispatch: local (water neighbourhoods), sharded over ranks
-        (torchrun) or global.  ``frames`` (F, r, N, 3) of this rank.  Returns (grads, loss)."""
+        (torchrun) or global.  ``frames`` (F, r, N, 3) of this rank; ``per_frame``: the epoch's
+        monitoring observables, reused when the training observable is one of them.  Returns
+        (grads, loss)."""
         ctx, cfg, comm, shard = self.ctx, self.cfg, self.comm, self.shard
         sel = (unstable if (cfg.only_train_on_unstable_replicas and unstable.any())
                else torch.ones_like(unstable))
-        samples = frames[:, sel[shard.lo:shard.hi]]
+        local_sel = sel[shard.lo:shard.hi]
+        samples = frames[:, local_sel]
         ok = torch.isfinite(samples).all(dim=(2, 3))
         if cfg.local_estimator:
             return local_observable_gradient(
@@ -278,24 +319,33 @@ class StableLoop:
                 ctx.kT, cfg.minibatch_size, cfg.boltzmann_scale_by_kT, ctx.dtype, self.shuffle_gen)
         shuffle = self.shuffle_gen if cfg.shuffle else None
         samples = samples[ok]
+        O = None if per_frame is None else per_frame.rows(self.target.samples, per_frame.finite & local_sel[None, :])
         if comm.distributed:  # this rank's samples in the single-process (shuffled) order
-            samples = samples[sample_order(ok, sel, shard, comm, shuffle)[0]]
+            order = sample_order(ok, sel, shard, comm, shuffle)[0]
+            samples = samples[order]
+            O = None if O is None else O[order]
             shuffle = None
         cell = ctx.system.cell if ctx.system.pbc else None
         return observable_gradient(self.model, self.target, samples, ctx.system.atomic_numbers, cell, ctx.kT,
-                                   cfg.minibatch_size, cfg.boltzmann_scale_by_kT, ctx.dtype, shuffle, comm)
+                                   cfg.minibatch_size, cfg.boltzmann_scale_by_kT, ctx.dtype, shuffle, comm,
+                                   observables=O)
 
-    def learn(self, frames: torch.Tensor, unstable: torch.Tensor, u: float) -> Dict[str, float]:
-        """One optimizer step: observable gradient + w · energy/force gradient, clipped."""
+    def learn(self, frames: torch.Tensor, unstable: torch.Tensor, u: float,
+              per_frame: Optional[FrameObservables] = None) -> Dict[str, float]:
+        """One optimizer step: observable gradient + w · energy/force gradient (on all training
+        frames, or on a fresh random subset of ``energy_force_frames_per_epoch``), clipped."""
         cfg, ctx = self.cfg, self.ctx
-        g_obs, obs_loss = self.observable_gradient(frames, unstable)
+        g_obs, obs_loss = self.observable_gradient(frames, unstable, per_frame)
         scalars, g_ef = {}, None
         if cfg.energy_force_loss_weight:
+            subset = energy_force_subset(len(ctx.train), cfg.energy_force_frames_per_epoch, self.ef_gen)
             g_ef, scalars["Energy-Force Loss"] = energy_force_gradient(
-                self.model, ctx.train, self.ef, cfg.minibatch_size, ctx.device, ctx.dtype, comm=self.comm)
+                self.model, ctx.train, self.ef, cfg.minibatch_size, ctx.device, ctx.dtype, comm=self.comm,
+                frames=subset)
         obs_weight = 1.0 if cfg.original_obs_weighting else cfg.obs_loss_weight
         info = apply_update(self.model, self.optimizer, g_obs, g_ef, obs_weight, cfg.energy_force_loss_weight,
                             cfg.grad_clip_norm_threshold if cfg.gradient_clipping else None)
+        self.ef_test = None  # new parameters
         self.comm.check_same(self.model)  # every rank took the same step
         scalars["Loss"] = cfg.obs_loss_weight * (obs_loss or 0.0)
         scalars["Gradient Norm"] = info["grad_norm"]
