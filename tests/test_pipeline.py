@@ -31,6 +31,12 @@ def test_quickstart_pipeline_end_to_end_and_reuse(tmp_path):
         assert Path(res[em]["folder"], "final_metrics.json").is_file()
         assert res[em]["Mean Stability (ps)"] is not None
     assert "stability (ps)" in text and "plots and metrics in" in text
+    assert "comparison figure" in text
+    fig = Path(res["pre"]["folder"]).parent / "comparison.png"
+    assert fig.is_file() and fig.stat().st_size > 10_000
+    from mdsim.training.pipeline import survival_summary
+    s = survival_summary(res["pre"]["folder"])
+    assert s["km"].n == 3 and s["times"].shape == (3,)
     # a second run generates nothing, pretrains nothing and resumes the finished training
     logs2 = []
     run_pipeline(cfg, log=logs2.append)
