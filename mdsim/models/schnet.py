@@ -55,15 +55,15 @@ class SchNetModel(PotentialModel):
         # pair distance only, so it is evaluated once per pair and used in both directions
         p = vec.shape[0] // 2
         dist = vec[:p].norm(dim=-1).clamp(max=self.cutoff)
-        src, dst = edge_index[0], edge_index[1]
+        i, j = edge_index[0, :p], edge_index[1, :p]  # each pair once: i → j (and j → i)
         filters = self._filters(dist)  # (interactions, P, F)
         h = self.embedding(atomic_numbers)
         n = h.shape[0]
         for block, w in zip(self.interactions, filters):
             conv = block.conv
             x = conv.lin1(h)
-            msg = x.index_select(0, src) * torch.cat([w, w], dim=0)
-            agg = torch.zeros(n, msg.shape[1], dtype=msg.dtype, device=msg.device).index_add(0, dst, msg)
+            agg = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
+            agg = agg.index_add(0, j, x.index_select(0, i) * w).index_add(0, i, x.index_select(0, j) * w)
             x = conv.lin2(agg)
             x = block.lin(block.act(x))
             h = h + x
