@@ -97,7 +97,7 @@ def build_system(frames: dict, criterion: str, tolerance: float, dtype=torch.flo
 DEFAULTS = {"replicas": 1, "steps": 1000, "integrator": "NoseHoover", "temperature": 500.0, "timestep": 0.5,
             "gamma": 0.1, "ttime": 20.0, "n_dump": 100, "seed": 0, "dtype": "float32",
             "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2,
-            "md_backend": "auto", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.5,
+            "md_backend": "auto", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.3,
             "frame_offset": 0}
 
 
@@ -125,7 +125,7 @@ def parse_args(argv=None):
                    help="how the steps run: auto (default: compile on a CPU for runs of >= 2e7 atom-steps, "
                         "cuda_graph on CUDA, else eager), eager, compile (torch.compile), cuda_graph (CUDA graphs)")
     p.add_argument("--neighbor-skin", dest="neighbor_skin", type=float, default=None,
-                   help="Verlet neighbour-list skin in Å for models that support it (SchNet; default 0.5); "
+                   help="Verlet neighbour-list skin in Å for models that support it (SchNet; default 0.3); "
                         "a negative value uses the static all-pairs graph")
     p.add_argument("--dof-convention", dest="dof_convention", default=None, choices=DOF_CONVENTIONS,
                    help="degrees of freedom of temperature, initial velocities and Nosé–Hoover target: physical "

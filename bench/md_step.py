@@ -11,15 +11,16 @@ instead when ``--checkpoint`` points to it).  Integrator: Nosé–Hoover, 0.5 fs
 * ``ours-allpairs``: :class:`mdsim.md.forces.ModelForceField` over the package's SchNet with the
   static all-pairs graph (distances clamped at the cutoff), eager steps of
   :mod:`mdsim.md.integrators`.
-* ``ours-eager``: the same with the Verlet list (``--skin``, default 0.5 Å; rebuilt when an atom
+* ``ours-eager``: the same with the Verlet list (``--skin``, default 0.3 Å; rebuilt when an atom
   moved more than skin/2), the package default for eager steps.
 * ``ours-compile``: the Verlet-list step ``torch.compile``d whole (forces by ``torch.func``, see
   :mod:`mdsim.md.compiled`), ``--compile-backend`` (inductor by default; compile time printed).
 * ``ours-cuda_graph`` (``--device cuda`` only): ``--block`` steps captured in one CUDA graph.
-* ``ours`` in the summary is what ``md_backend: auto`` runs for a long run (compile on a CPU,
-  cuda_graph on CUDA); ``--processes P`` adds ``ours-<P>proc``: the same step in P processes of
-  one thread each over R/P replicas (what a ``torchrun``-sharded StABlE run does between its
-  per-epoch communications), timed over the same steps after the in-process columns.
+* ``ours`` in the summary is what ``md_backend: auto`` runs for a long run in this process
+  (eager with several threads, compile with one, cuda_graph on CUDA); ``--processes P`` adds
+  ``ours-<P>proc``: the compiled step in P processes of one thread each over R/P replicas (what a
+  ``torchrun``-sharded StABlE run with OMP_NUM_THREADS=1 does between its per-epoch
+  communications, where auto compiles), timed over the same steps after the in-process columns.
 
 In-process paths alternate block by block so that they see the same machine load.  Prints
 ms/step, atom-steps/s, each column's speed-up over ``eager-orig``, the scaling of atom-steps/s
@@ -209,7 +210,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--processes", type=int, default=0,
                    help="also time ours in this many single-thread processes over R/P replicas each")
-    p.add_argument("--skin", type=float, default=0.5, help="Verlet-list skin of ours (Å)")
+    p.add_argument("--skin", type=float, default=0.3, help="Verlet-list skin of ours (Å)")
     p.add_argument("--checkpoint", default=None, help="optional SchNet checkpoint (ours or the original's)")
     p.add_argument("--skip-eager-above", type=int, default=1000, help="skip the eager paths above this R")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -291,9 +292,14 @@ def main(argv=None):
         print(f"R={R:4d}  " + "  ".join(f"{k} {1e3 * t:8.2f} ms" for k, t in out.items())
               + ("   [" + "; ".join(notes) + "]" if notes else ""), flush=True)
 
-    ours_col = "ours-cuda_graph" if cuda else ("ours-eager" if args.no_compile else "ours-compile")
+    from mdsim.md.rollout import resolve_auto_backend
+    probe = _state(ff_all, frames, z, np.arange(max(args.replicas)), device)
+    auto = resolve_auto_backend(probe, ff_all, None)[0]  # what md_backend auto runs here (long run)
+    ours_col = {"cuda_graph": "ours-cuda_graph", "compile": "ours-compile"}.get(auto, "ours-eager")
+    if ours_col not in cols:
+        ours_col = "ours-eager"
     print(f"\nms/step (atom-steps/s); speed-up = t(eager-orig)/t(column); ours = {ours_col} "
-          f"(what md_backend auto runs for a long run), {device}:")
+          f"(what md_backend auto runs for a long run with {torch.get_num_threads()} threads), {device}:")
     print(f"{'R':>5} | " + " | ".join(f"{c:>24}" for c in cols) + " | "
           + " | ".join(f"{c + '/orig':>18}" for c in cols[1:]))
     for R, out in rows:
@@ -304,9 +310,13 @@ def main(argv=None):
         base = out.get("eager-orig")
         ratios = [f"{base / out[c]:17.2f}x" if (base and out.get(c)) else f"{'-':>18}" for c in cols[1:]]
         print(f"{R:5d} | " + " | ".join(cells) + " | " + " | ".join(ratios))
-    print("ours / eager-orig (atom-steps/s ratio): " + ", ".join(
+    print(f"ours ({ours_col}) / eager-orig (atom-steps/s ratio): " + ", ".join(
         f"R={R}: {out['eager-orig'] / out[ours_col]:.2f}x" for R, out in rows
         if out.get("eager-orig") and out.get(ours_col)))
+    if args.processes:
+        pc = f"ours-{args.processes}proc"
+        print(f"{pc} / eager-orig (atom-steps/s ratio): " + ", ".join(
+            f"R={R}: {out['eager-orig'] / out[pc]:.2f}x" for R, out in rows if out.get("eager-orig") and out.get(pc)))
     first = rows[0]
     print("throughput relative to R=%d (atom-steps/s ratio):" % first[0])
     for R, out in rows:

@@ -25,6 +25,12 @@ def test_auto_rules():
     assert ro.resolve_auto_backend(st, ff, None)[0] == "compile"  # unknown length: long
     assert ro.resolve_auto_backend(st, ff, long_run - 2)[0] == "eager"
     assert ro.resolve_auto_backend(st, lambda x, c=None: None, long_run)[0] == "eager"  # no model
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ro.resolve_auto_backend(st, ff, long_run)[0] == "eager"  # threads: eager is faster
+    finally:
+        torch.set_num_threads(n)
     periodic = _state(cell=torch.eye(3).expand(2, 3, 3) * 10)
     assert ro.resolve_auto_backend(periodic, ff, long_run)[0] == "eager"
 

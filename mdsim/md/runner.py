@@ -80,7 +80,7 @@ class Simulator:
                  seed: Optional[int] = None, generator: GeneratorLike = None, device="cpu",
                  dtype: torch.dtype = torch.float32, value_fn: Optional[Callable] = None,
                  md_backend: str = "auto", dof_convention: str = "physical",
-                 neighbor_skin: Optional[float] = 0.5):
+                 neighbor_skin: Optional[float] = 0.3):
         if not (isinstance(n_dump, int) and n_dump >= 1):
             raise ValueError(f"n_dump: expected a positive integer number of steps, got {n_dump!r}")
         self.device = torch.device(device)
