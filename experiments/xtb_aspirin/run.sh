@@ -139,11 +139,13 @@ fi
 ckpt_of() { case $1 in original_*) echo "$OUT/original/$1.pt" ;; *) echo "$CKPT/$1.pt" ;; esac; }
 EVAL=(python stable_training.py --config-yml "$CFG/eval.yml" "${ST_PATHS[@]}" "${EVAL_Q[@]}")
 
-# ---- pilot of QM(1k) per temperature (another seed, fewer replicas) → horizon
+# ---- pilot of QM(1k) per temperature (other seed, other start frames, fewer replicas) → horizon
+PILOT_FRAME_OFFSET=${PILOT_FRAME_OFFSET:-1000}  # the evaluations start from test frames 0..63
 for T in 500 700; do
     stage "pilot_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "exp_name=pilot_qm_1k_${T}K" \
         --set "pretrained_checkpoint=$(ckpt_of qm_1k)" --set "seed=$PILOT_SEED" \
-        --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$PILOT_PS")"
+        --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$PILOT_PS")" \
+        --set "init_frame_offset=$PILOT_FRAME_OFFSET"
     var=HORIZON_${T}K
     if [ -n "${!var:-}" ]; then
         echo "${!var}" > "$OUT/horizon_${T}K.txt"
