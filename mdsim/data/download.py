@@ -176,9 +176,9 @@ def fetch_raw(system: str, molecule: Optional[str], data_root, url: Optional[str
 
 # --------------------------------------------------------------------------- pipelines
 def _check_sizes(sizes: Sequence[str], scheme: str):
-    from mdsim.data.splits import _nominal
+    from mdsim.data.splits import nominal_split_sizes
     for s in sizes:
-        _nominal(s, 1000, scheme)  # raises DataError on an unknown tag
+        nominal_split_sizes(s, 1000, scheme)  # raises DataError on an unknown tag
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

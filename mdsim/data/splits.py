@@ -70,7 +70,7 @@ class SplitPlan:
         return self.n_train + self.n_val + self.n_test
 
 
-def _nominal(size: str, n_frames: int, scheme: str) -> Tuple[int, int, int]:
+def nominal_split_sizes(size: str, n_frames: int, scheme: str) -> Tuple[int, int, int]:
     if scheme == "percent":
         if size not in PERCENT_SIZES:
             raise DataError(f"unknown size '{size}' for a percent-scheme data set; "
@@ -94,7 +94,7 @@ def _nominal(size: str, n_frames: int, scheme: str) -> Tuple[int, int, int]:
 def plan_split(n_frames: int, size: str, scheme: str = "frames", warn: bool = True) -> SplitPlan:
     """Frame counts for one size tag on a trajectory of ``n_frames`` frames (rules above)."""
     n = int(n_frames)
-    tr, va, te = _nominal(size, n, scheme)
+    tr, va, te = nominal_split_sizes(size, n, scheme)
     nominal = (tr, va, te)
     shrunk = ""
     if tr + va + te > n:
