@@ -111,6 +111,17 @@ else
         --temperature 500 --data-dir "$OUT/data" --no-progress
 fi
 
+# ---- in-progress stages saved in git by save_progress.sh (out/ is not kept between machines):
+# copy them back into out/ when out/ lacks them, so the stage resumes instead of starting over
+restore() {  # restore NAME DEST_DIR
+    local src=$E/resume/$1 dst=$2
+    [ "$QUICK" = 1 ] && return 0
+    if [ -d "$src" ] && [ ! -e "$dst/checkpoint.pt" ] && [ ! -e "$dst/resume.pt" ]; then
+        mkdir -p "$dst" && cp -p "$src"/* "$dst"/ && echo "[$(date +%T)] restored $1 from $src"
+    fi
+}
+restore qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints"
+
 # ---- QM pretraining (resumes from checkpoint.pt when rerun)
 stage qm_1k python pretraining.py --mode train --config-yml "$CFG/qm_1k.yml" "${PRE_PATHS[@]}" "${PRE_Q[@]}"
 [ -f "$CKPT/qm_1k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt" qm_1k

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Copy the resume files of the study's unfinished long stages from the git-ignored out/ into
+# experiments/xtb_aspirin/resume/<stage>/ so that they can be committed: a later session on a
+# fresh machine then continues them (run.sh restores them into out/) instead of starting over.
+# Finished stages need nothing here: run.sh exports their final checkpoints to checkpoints/.
+#
+#     bash experiments/xtb_aspirin/save_progress.sh && git add experiments/xtb_aspirin/resume
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$HERE/../.."
+E=experiments/xtb_aspirin
+OUT=$E/out
+save() {  # save NAME SRC_DIR FILE...
+    local name=$1 src=$2; shift 2
+    [ -f "$OUT/done/$name" ] && { rm -rf "$E/resume/$name"; return 0; }  # finished: nothing to keep
+    [ -d "$src" ] || return 0
+    mkdir -p "$E/resume/$name"
+    for f in "$@"; do [ -f "$src/$f" ] && cp -p "$src/$f" "$E/resume/$name/"; done
+    echo "saved $name: $(ls "$E/resume/$name" | tr '\n' ' ')"
+}
+save qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints" checkpoint.pt best_checkpoint.pt config.yml
+save qm_10k "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints" checkpoint.pt best_checkpoint.pt config.yml
