@@ -111,24 +111,36 @@ def periodic_edges(positions: Tensor, cell: Tensor, batch: Tensor, cutoff: float
     Returns ``edge_index`` (2,E) and Cartesian ``shifts`` (E,3) = S_int @ cell (differentiable
     in ``cell``), such that ``edge_vectors`` gives the minimum-distance vectors of each pair.
     """
+    cell = cell.reshape(-1, 3, 3)
+    counts = torch.bincount(batch, minlength=cell.shape[0]).tolist()
+    periodic = True if pbc is None else pbc.detach().cpu().bool()
+    i, j, S, struct = vesin_half_pairs(positions, cell, counts, cutoff, periodic)
+    # vesin's vector is r_j - r_i + S @ box: edge (source=i, target=j) with shift S @ cell
+    sh = torch.bmm(S.to(cell.dtype).unsqueeze(1), cell.index_select(0, struct)).squeeze(1)
+    return _symmetric(torch.stack([i, j])), torch.cat([sh, -sh], dim=0)
+
+
+def vesin_half_pairs(positions: Tensor, cell: Tensor, counts, cutoff: float, periodic=True):
+    """Half pair list (each pair once) within ``cutoff`` of consecutive structures (vesin cell
+    list, any positions, also unwrapped ones): positions (A, 3), cell (S, 3, 3), ``counts`` atoms
+    per structure.  Returns global atom indices ``i``, ``j`` (P,), integer cell shifts ``S``
+    (P, 3) with vector r_j − r_i + S @ cell, and the structure of each pair (P,), on the
+    positions' device."""
     from vesin_torch import NeighborList
 
-    cell = cell.reshape(-1, 3, 3)
-    n_structures = cell.shape[0]
-    counts = torch.bincount(batch, minlength=n_structures).tolist()
     nl = NeighborList(cutoff=float(cutoff), full_list=False)
-    periodic = True if pbc is None else pbc.detach().cpu().bool()
-    idx, shifts, start = [], [], 0
+    Is, Js, Ss, Ks, start = [], [], [], [], 0
     for s, n in enumerate(counts):
         pos_s = positions[start:start + n].detach().to(torch.float64).cpu()
         box = cell[s].detach().to(torch.float64).cpu()
         i, j, S = nl.compute(points=pos_s, box=box, periodic=periodic, quantities="ijS")
-        # vesin's vector is r_j - r_i + S @ box: edge (source=i, target=j) with shift S @ cell
-        idx.append(torch.stack([i.long(), j.long()]).to(positions.device) + start)
-        shifts.append(S.to(positions.device, cell.dtype) @ cell[s])
+        Is.append(i.long() + start)
+        Js.append(j.long() + start)
+        Ss.append(S.long())
+        Ks.append(torch.full((i.shape[0],), s, dtype=torch.long))
         start += n
-    half, sh = torch.cat(idx, dim=1), torch.cat(shifts, dim=0)
-    return _symmetric(half), torch.cat([sh, -sh], dim=0)
+    dev = positions.device
+    return (torch.cat(Is).to(dev), torch.cat(Js).to(dev), torch.cat(Ss).to(dev), torch.cat(Ks).to(dev))
 
 
 class VerletList:
@@ -202,7 +214,8 @@ class VerletList:
             I, J = i[p] + s * N, j[p] + s * N
             S = None
         else:
-            I, J, S = _periodic_half_pairs(pos, cell.detach(), rc)
+            c = cell.detach().reshape(-1, 3, 3).expand(R, 3, 3)
+            I, J, S, _ = vesin_half_pairs(pos.reshape(R * N, 3), c, [N] * R, rc)
         n = int(I.numel())
         if n > self.capacity:
             cap = max(n + 1, int(n * self.headroom) + 1)
@@ -243,23 +256,3 @@ class VerletList:
         far = torch.tensor([2.0 * self.cutoff + 10.0, 0.0, 0.0], dtype=vec.dtype, device=vec.device)
         vec = torch.where(self.mask.unsqueeze(-1), vec, far)
         return _symmetric(self.pairs), torch.cat([vec, -vec], dim=0)
-
-
-def _periodic_half_pairs(pos: Tensor, cell: Tensor, rc: float):
-    """Half pair list (i < j or i == j with a positive shift) within ``rc`` of R periodic boxes
-    (vesin), relative to the given (possibly unwrapped) positions."""
-    from vesin_torch import NeighborList
-
-    R, N, _ = pos.shape
-    cell = cell.reshape(-1, 3, 3)
-    nl = NeighborList(cutoff=float(rc), full_list=False)
-    Is, Js, Ss = [], [], []
-    for s in range(R):
-        box = cell[min(s, cell.shape[0] - 1)].to(torch.float64).cpu()
-        i, j, S = nl.compute(points=pos[s].to(torch.float64).cpu(), box=box, periodic=True,
-                             quantities="ijS")
-        Is.append(i.long() + s * N)
-        Js.append(j.long() + s * N)
-        Ss.append(S)
-    dev = pos.device
-    return torch.cat(Is).to(dev), torch.cat(Js).to(dev), torch.cat(Ss).to(dev, pos.dtype)
