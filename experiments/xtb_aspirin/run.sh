@@ -16,8 +16,8 @@
 #               pipeline, not a result.
 #
 # Stages (each skipped when its marker out*/done/<stage> exists; one long job at a time):
-#   data → qm_1k (pretraining, configs/qm_1k.yml) → qm_10k (configs/qm_10k.yml) →
-#   stable_1k (StABlE from qm_1k's best checkpoint, configs/stable_1k.yml) →
+#   data → qm_1k (pretraining, configs/qm_1k.yml) →
+#   stable_1k (StABlE from qm_1k's best checkpoint, configs/stable_1k.yml) → qm_10k (configs/qm_10k.yml) →
 #   pilot_<T>K (QM(1k), another seed and fewer replicas: sets the horizon at T = 500, 700 K) →
 #   eval_<model>_<T>K (configs/eval.yml: qm_1k, stable_1k, qm_10k, original_qm_1k,
 #   original_stable_1k at 500 and 700 K, same starts and noise for all) → report.
@@ -125,15 +125,26 @@ restore qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints"
 # ---- QM pretraining (resumes from checkpoint.pt when rerun)
 stage qm_1k python pretraining.py --mode train --config-yml "$CFG/qm_1k.yml" "${PRE_PATHS[@]}" "${PRE_Q[@]}"
 [ -f "$CKPT/qm_1k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt" qm_1k
+
+# ---- StABlE training and evaluations: one single-thread process per core under torchrun
+# (replicas sharded; docs/distributed.md: the fastest way to run MD on a multi-core CPU).
+# STUDY_PROCS=1 runs them as one process with OMP_NUM_THREADS threads instead.
+STUDY_PROCS=${STUDY_PROCS:-$OMP_NUM_THREADS}
+if [ "$STUDY_PROCS" -gt 1 ]; then
+    ST=(env OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node "$STUDY_PROCS" stable_training.py)
+else
+    ST=(python stable_training.py)
+fi
+# ---- StABlE training from qm_1k's best checkpoint (resumes from resume.pt when rerun)
+stage stable_1k "${ST[@]}" --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "${STABLE_Q[@]}"
+[ -f "$CKPT/stable_1k.pt" ] || export_ckpt "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_*/ckpt.pt | head -n 1)" stable_1k
+report
+
+# ---- QM(10k): the "more data" baseline (after StABlE, the headline, so a short session finishes that first)
 if [ $SKIP10K = 0 ]; then
     stage qm_10k python pretraining.py --mode train --config-yml "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
     [ -f "$CKPT/qm_10k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints/best_checkpoint.pt" qm_10k
 fi
-
-# ---- StABlE training from qm_1k's best checkpoint (resumes from resume.pt when rerun)
-stage stable_1k python stable_training.py --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "${STABLE_Q[@]}"
-[ -f "$CKPT/stable_1k.pt" ] || export_ckpt "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_*/ckpt.pt | head -n 1)" stable_1k
-report
 
 # ---- the original's checkpoints (DFT MD17-trained), re-saved in our format
 MODELS=(qm_1k stable_1k)
@@ -148,7 +159,7 @@ else
     echo "no $ORIG: skipping the original's checkpoints (--original DIR)"
 fi
 ckpt_of() { case $1 in original_*) echo "$OUT/original/$1.pt" ;; *) echo "$CKPT/$1.pt" ;; esac; }
-EVAL=(python stable_training.py --config-yml "$CFG/eval.yml" "${ST_PATHS[@]}" "${EVAL_Q[@]}")
+EVAL=("${ST[@]}" --config-yml "$CFG/eval.yml" "${ST_PATHS[@]}" "${EVAL_Q[@]}")
 
 # ---- pilot of QM(1k) per temperature (other seed, other start frames, fewer replicas) → horizon
 PILOT_FRAME_OFFSET=${PILOT_FRAME_OFFSET:-1000}  # the evaluations start from test frames 0..63
