@@ -98,6 +98,7 @@ DEFAULTS = {"replicas": 1, "steps": 1000, "integrator": "NoseHoover", "temperatu
             "gamma": 0.1, "ttime": 20.0, "n_dump": 100, "seed": 0, "dtype": "float32",
             "stability_criterion": "bond_length_deviation", "bond_dev_tol": 0.5, "imd_tol": 1.2,
             "md_backend": "auto", "dof_convention": "physical", "ic_stddev": 0.0, "neighbor_skin": 0.3,
+            "radial_table_spacing": 0.005,
             "frame_offset": 0}
 
 
@@ -127,6 +128,9 @@ def parse_args(argv=None):
     p.add_argument("--neighbor-skin", dest="neighbor_skin", type=float, default=None,
                    help="Verlet neighbour-list skin in Å for models that support it (SchNet; default 0.3); "
                         "a negative value uses the static all-pairs graph")
+    p.add_argument("--radial-table-spacing", dest="radial_table_spacing", type=float, default=None,
+                   help="grid spacing in Å of the tabulated radial functions (SchNet's filters) in MD "
+                        "(default 0.005); a negative value evaluates the network every step")
     p.add_argument("--dof-convention", dest="dof_convention", default=None, choices=DOF_CONVENTIONS,
                    help="degrees of freedom of temperature, initial velocities and Nosé–Hoover target: physical "
                         "(3N−3 when momentum is conserved, default) or original (3N)")
@@ -203,7 +207,8 @@ def _apply_config(args) -> None:
         "ttime": cfg.integrator_config.ttime, "n_dump": cfg.n_dump, "seed": cfg.seed,
         "stability_criterion": cfg.stability_criterion, "bond_dev_tol": cfg.bond_dev_tol, "imd_tol": cfg.imd_tol,
         "dtype": cfg.dtype, "md_backend": cfg.md_backend, "dof_convention": cfg.dof_convention,
-        "neighbor_skin": -1.0 if cfg.neighbor_skin is None else cfg.neighbor_skin, "ic_stddev": cfg.ic_stddev,
+        "neighbor_skin": -1.0 if cfg.neighbor_skin is None else cfg.neighbor_skin,
+        "radial_table_spacing": -1.0 if cfg.radial_table_spacing is None else cfg.radial_table_spacing, "ic_stddev": cfg.ic_stddev,
         "frame_offset": cfg.init_frame_offset, "stop_fraction": cfg.max_frac_unstable_threshold, "stop_every": -(-cfg.steps // cfg.n_dump) * cfg.n_dump,
     }
     for k, v in fill.items():
@@ -241,7 +246,8 @@ def main(argv=None) -> int:
                     temperature_K=args.temperature, integrator_config={"gamma": args.gamma, "ttime": args.ttime},
                     n_dump=args.n_dump, out_dir=args.out, dump_replicas=dump, seed=args.seed, device=device,
                     dtype=dtype, md_backend=args.md_backend, dof_convention=args.dof_convention,
-                    neighbor_skin=None if args.neighbor_skin < 0 else args.neighbor_skin)
+                    neighbor_skin=None if args.neighbor_skin < 0 else args.neighbor_skin,
+                    radial_table_spacing=None if args.radial_table_spacing < 0 else args.radial_table_spacing)
     if args.frame_offset < 0 or args.frame_offset >= len(frames["R"]):
         raise SystemExit(f"--frame-offset: expected 0 … {len(frames['R']) - 1}, got {args.frame_offset}")
     cells = frames["cell"]

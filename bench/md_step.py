@@ -11,9 +11,12 @@ instead when ``--checkpoint`` points to it).  Integrator: Nosé–Hoover, 0.5 fs
 * ``ours-allpairs``: :class:`mdsim.md.forces.ModelForceField` over the package's SchNet with the
   static all-pairs graph (distances clamped at the cutoff), eager steps of
   :mod:`mdsim.md.integrators`.
-* ``ours-eager``: the same with the Verlet list (``--skin``, default 0.3 Å; rebuilt when an atom
-  moved more than skin/2), the package default for eager steps.
-* ``ours-compile``: the Verlet-list step ``torch.compile``d whole (forces by ``torch.func``, see
+* ``ours-nl``: the same with the Verlet list (``--skin``, default 0.3 Å; rebuilt when an atom
+  moved more than skin/2).
+* ``ours-eager``: the Verlet list and the filters read from a cubic Hermite table
+  (``--table-spacing``, default 0.005 Å; :mod:`mdsim.models.radial_table`), the package default
+  for eager steps.
+* ``ours-compile``: the ``ours-eager`` step ``torch.compile``d whole (forces by ``torch.func``, see
   :mod:`mdsim.md.compiled`), ``--compile-backend`` (inductor by default; compile time printed).
 * ``ours-cuda_graph`` (``--device cuda`` only): ``--block`` steps captured in one CUDA graph.
 * ``ours`` in the summary is what ``md_backend: auto`` runs for a long run in this process
@@ -153,7 +156,7 @@ def _proc_worker(rank, n_proc, R, steps, args, frames, z, queue, barrier):
     lo, hi = rank * R // n_proc, (rank + 1) * R // n_proc
     ours_model, _ = build_models(args.checkpoint)
     integ = make_integrator("NoseHoover", 0.5, 500.0, {"ttime": 20})
-    ff = ModelForceField(ours_model, torch.as_tensor(z), neighbor_skin=args.skin)
+    ff = ModelForceField(ours_model, torch.as_tensor(z), neighbor_skin=args.skin, radial_table_spacing=_table(args))
     st = _state(ff, frames, z, np.arange(lo, hi), "cpu")
     advance = _ours_path(integ, ff, st, args)[0]
     with torch.no_grad():
@@ -163,6 +166,10 @@ def _proc_worker(rank, n_proc, R, steps, args, frames, z, queue, barrier):
         st = advance(st, steps)
         dt = time.perf_counter() - t0
     queue.put(dt / steps)
+
+
+def _table(args):
+    return None if args.table_spacing < 0 else args.table_spacing
 
 
 def _state(ff, frames, z, idx, device):
@@ -211,6 +218,8 @@ def main(argv=None):
     p.add_argument("--processes", type=int, default=0,
                    help="also time ours in this many single-thread processes over R/P replicas each")
     p.add_argument("--skin", type=float, default=0.3, help="Verlet-list skin of ours (Å)")
+    p.add_argument("--table-spacing", type=float, default=0.005,
+                   help="grid spacing (Å) of ours' tabulated filters (radial_table_spacing); negative: the network")
     p.add_argument("--checkpoint", default=None, help="optional SchNet checkpoint (ours or the original's)")
     p.add_argument("--skip-eager-above", type=int, default=1000, help="skip the eager paths above this R")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -240,19 +249,19 @@ def main(argv=None):
     x = torch.as_tensor(frames[:2], dtype=torch.float32, device=device)
     e1, f1 = ff_all(x)
     e2, f2 = ff_ref(x)
-    e3, f3 = ModelForceField(ours_model, z_t, neighbor_skin=args.skin)(x)
+    e3, f3 = ModelForceField(ours_model, z_t, neighbor_skin=args.skin, radial_table_spacing=_table(args))(x)
     err = max((f1 - f2).abs().max().item(), (f3 - f2).abs().max().item())
     os_ = __import__("os")
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if cuda else f", threads {torch.get_num_threads()}")
           + f", atoms {N}, {'pretrained' if args.checkpoint else 'random'} SchNet, Nosé–Hoover, "
-          f"compile backend {args.compile_backend}, skin {args.skin} Å; max |F_ours − F_eager-orig| = "
+          f"compile backend {args.compile_backend}, skin {args.skin} Å, filter table {_table(args)} Å; max |F_ours − F_eager-orig| = "
           f"{err:.2e} eV/Å", flush=True)
     load_before = os_.getloadavg() if hasattr(os_, "getloadavg") else None
     if load_before:
         print("load average before: %.2f %.2f %.2f" % load_before, flush=True)
 
-    cols = ["eager-orig", "ours-allpairs", "ours-eager"] + ([] if args.no_compile else ["ours-compile"]) \
+    cols = ["eager-orig", "ours-allpairs", "ours-nl", "ours-eager"] + ([] if args.no_compile else ["ours-compile"]) \
         + (["ours-cuda_graph"] if cuda else []) + ([f"ours-{args.processes}proc"] if args.processes else [])
     rows = []
     for R in args.replicas:
@@ -262,9 +271,11 @@ def main(argv=None):
             paths["eager-orig"] = (_loop(integ, ff_ref), _state(ff_ref, frames, z, idx, device))
             paths["ours-allpairs"] = (_loop(integ, ff_all), _state(ff_all, frames, z, idx, device))
             ff_nl = ModelForceField(ours_model, z_t, neighbor_skin=args.skin)
-            paths["ours-eager"] = (_loop(integ, ff_nl), _state(ff_nl, frames, z, idx, device))
+            paths["ours-nl"] = (_loop(integ, ff_nl), _state(ff_nl, frames, z, idx, device))
+            ff_tb = ModelForceField(ours_model, z_t, neighbor_skin=args.skin, radial_table_spacing=_table(args))
+            paths["ours-eager"] = (_loop(integ, ff_tb), _state(ff_tb, frames, z, idx, device))
         if not args.no_compile:
-            ff_c = ModelForceField(ours_model, z_t, neighbor_skin=args.skin)
+            ff_c = ModelForceField(ours_model, z_t, neighbor_skin=args.skin, radial_table_spacing=_table(args))
             st = _state(ff_c, frames, z, idx, device)
             stepper = FastStepper(integ, ff_c, st, "compile", compile_backend=args.compile_backend,
                                   block_steps=block)
@@ -298,6 +309,8 @@ def main(argv=None):
     ours_col = {"cuda_graph": "ours-cuda_graph", "compile": "ours-compile"}.get(auto, "ours-eager")
     if ours_col not in cols:
         ours_col = "ours-eager"
+    print("columns: eager-orig = the original's loop; allpairs = ours, all-pairs graph, network filters; "
+          "nl = + Verlet list; eager = + tabulated filters (default); compile/proc = that step compiled")
     print(f"\nms/step (atom-steps/s); speed-up = t(eager-orig)/t(column); ours = {ours_col} "
           f"(what md_backend auto runs for a long run with {torch.get_num_threads()} threads), {device}:")
     print(f"{'R':>5} | " + " | ".join(f"{c:>24}" for c in cols) + " | "

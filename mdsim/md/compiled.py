@@ -34,6 +34,7 @@ Fallbacks (one warning each): ``cuda_graph`` on a CPU state → ``compile``; per
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -279,7 +280,11 @@ class FastStepper:
         positions/velocities/energies (:class:`Block`).  Runs under ``torch.no_grad``."""
         self._check(state)
         n_steps = int(n_steps)
-        with torch.no_grad():
+        # the force field's radial tables (parameters are fixed during a run): built or refreshed
+        # here, on the host, before any compiled call or capture reads them
+        tables = self.eager_force_fn.tables() if isinstance(self.eager_force_fn, ModelForceField) \
+            else contextlib.nullcontext()
+        with torch.no_grad(), tables:
             if self.backend == "cuda_graph":
                 return self._run_graph(state, n_steps, generator)
             if self.backend == "eager":  # resolved or compile failed earlier

@@ -77,6 +77,15 @@ def neighbors_of(model, neighbors):
     return model.using_neighbors(neighbors)
 
 
+def radial_table_of(model, spacing: Optional[float]):
+    """Context in which ``model`` reads its radial functions from tables with grid ``spacing``
+    (Å) (:meth:`mdsim.models.base.PotentialModel.using_radial_table`; no-op for None or a
+    model without tables)."""
+    if spacing is None or not getattr(model, "supports_radial_table", False):
+        return contextlib.nullcontext()
+    return model.using_radial_table(spacing)
+
+
 class ModelForceField(ForceField):
     """Wraps a model with the package interface ``model(positions [A,3], atomic_numbers [A],
     batch [A], n_structures, cell [S,3,3]|None) -> energy [S]`` (eV).
@@ -92,11 +101,17 @@ class ModelForceField(ForceField):
     atom has moved more than ``skin/2`` since the last build (checked here, at the positions the
     forces are evaluated at, so forces equal the all-pairs ones to rounding).  ``None`` (or a
     model without support): the static all-pairs graph (molecules) / a fresh vesin list per call
-    (periodic)."""
+    (periodic).
+
+    ``radial_table_spacing`` (Å, config ``radial_table_spacing``): models that support it
+    (SchNet's filters) evaluate their radial functions from a cubic Hermite table with this grid
+    spacing, rebuilt from the current parameters whenever they changed
+    (:mod:`mdsim.models.radial_table`); forces equal the network's to float rounding.  Not used
+    with ``create_graph`` (parameter gradients need the network).  ``None``: the network."""
 
     def __init__(self, model, atomic_numbers: Tensor, create_graph: bool = False,
                  dtype: Optional[torch.dtype] = None, wrap: bool = True,
-                 neighbor_skin: Optional[float] = None):
+                 neighbor_skin: Optional[float] = None, radial_table_spacing: Optional[float] = None):
         self.model = model
         self.atomic_numbers = torch.as_tensor(atomic_numbers, dtype=torch.long).reshape(-1)
         self.create_graph = bool(create_graph)
@@ -108,6 +123,14 @@ class ModelForceField(ForceField):
         self._cache = {}
         self._model_kw = equal_size_kwargs(model)
         self.neighbors = make_neighbor_list(model, neighbor_skin)
+        self.radial_table_spacing = None if radial_table_spacing is None else float(radial_table_spacing)
+        if self.radial_table_spacing is not None and not self.radial_table_spacing > 0:
+            raise ValueError(f"radial_table_spacing: expected a positive spacing in Å or None, "
+                             f"got {radial_table_spacing!r}")
+
+    def tables(self):
+        """The context of this force field's radial tables (no-op without; see class doc)."""
+        return radial_table_of(self.model, None if self.create_graph else self.radial_table_spacing)
 
     def _inputs(self, R: int, device):
         key = (R, str(device))
@@ -128,7 +151,7 @@ class ModelForceField(ForceField):
         z, batch = self._inputs(R, positions.device)
         c = None if cell is None else cell.to(dtype)
         nl = self.neighbors
-        with torch.enable_grad(), neighbors_of(self.model, nl):
+        with torch.enable_grad(), neighbors_of(self.model, nl), self.tables():
             pos = positions.detach().to(dtype)
             if nl is not None:  # a Verlet list is built on unwrapped positions: never wrap
                 nl.update(pos, c)
@@ -147,7 +170,8 @@ class ModelForceField(ForceField):
 
 
 def as_force_field(obj, atomic_numbers: Optional[Tensor] = None,
-                   neighbor_skin: Optional[float] = None) -> ForceField:
+                   neighbor_skin: Optional[float] = None,
+                   radial_table_spacing: Optional[float] = None) -> ForceField:
     """A ForceField from a ForceField, a ``torch.nn.Module`` model (needs ``atomic_numbers``;
     ``neighbor_skin`` as :class:`ModelForceField`) or a potential callable."""
     if isinstance(obj, ForceField):
@@ -155,7 +179,8 @@ def as_force_field(obj, atomic_numbers: Optional[Tensor] = None,
     if isinstance(obj, torch.nn.Module):
         if atomic_numbers is None:
             raise ValueError("wrapping a model needs the atomic_numbers of the system")
-        return ModelForceField(obj, atomic_numbers, neighbor_skin=neighbor_skin)
+        return ModelForceField(obj, atomic_numbers, neighbor_skin=neighbor_skin,
+                               radial_table_spacing=radial_table_spacing)
     if callable(obj):
         return PotentialForceField(obj)
     raise TypeError(f"force_field: expected a ForceField, a model or a callable, got {type(obj).__name__}")

@@ -70,6 +70,8 @@ class Simulator:
     auto: :func:`mdsim.md.rollout.resolve_auto_backend`).
     ``neighbor_skin``: Verlet-list skin (Å) when a model is passed (see
     :class:`~mdsim.md.forces.ModelForceField`; None: all-pairs graph).
+    ``radial_table_spacing``: grid (Å) of the tabulated radial functions of models that support
+    them (SchNet's filters; :class:`~mdsim.md.forces.ModelForceField`; None: the network).
     ``dof_convention``: physical (default) | original — degrees of freedom of the initial
     velocities, the Nosé–Hoover target and the reported temperature (docs/differences.md).
     """
@@ -80,13 +82,14 @@ class Simulator:
                  seed: Optional[int] = None, generator: GeneratorLike = None, device="cpu",
                  dtype: torch.dtype = torch.float32, value_fn: Optional[Callable] = None,
                  md_backend: str = "auto", dof_convention: str = "physical",
-                 neighbor_skin: Optional[float] = 0.3):
+                 neighbor_skin: Optional[float] = 0.3, radial_table_spacing: Optional[float] = 0.005):
         if not (isinstance(n_dump, int) and n_dump >= 1):
             raise ValueError(f"n_dump: expected a positive integer number of steps, got {n_dump!r}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.system = system.to(device=self.device, dtype=dtype)
-        self.force_field: ForceField = as_force_field(force_field, self.system.atomic_numbers, neighbor_skin)
+        self.force_field: ForceField = as_force_field(force_field, self.system.atomic_numbers, neighbor_skin,
+                                                      radial_table_spacing)
         self.integrator: Integrator = make_integrator(integrator, timestep_fs, temperature_K, integrator_config,
                                                       dof_convention=dof_convention)
         from mdsim.md.rollout import BACKENDS

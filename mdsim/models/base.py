@@ -120,6 +120,21 @@ class PotentialModel(nn.Module):
         finally:
             self._neighbors = old
 
+    #: whether the model can evaluate smooth radial functions from a table in MD
+    #: (:meth:`using_radial_table`, config ``radial_table_spacing``)
+    supports_radial_table = False
+
+    @contextmanager
+    def using_radial_table(self, spacing: Optional[float]):
+        """MD with fixed parameters: inside the block, models that support it
+        (``supports_radial_table``, SchNet) read their radial functions of the pair distance
+        from cubic Hermite tables (:class:`~mdsim.models.radial_table.RadialTable`, grid
+        ``spacing`` Å), rebuilt on entry when the parameters changed.  Forces equal the
+        network's to float rounding; parameter gradients do not flow through the tables, so
+        only force fields of MD enter this block.  ``spacing`` None, or a model without tables:
+        no change."""
+        yield self
+
     def edges(self, positions: Tensor, batch: Tensor, n_structures: int, cell: Optional[Tensor],
               equal_size: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
         """Edge list and edge vectors (target − source [+ shift]), symmetric: ``[half; reversed

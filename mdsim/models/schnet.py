@@ -7,17 +7,20 @@ cosine cutoff C(d) = ½(cos(πd/r_c)+1) is exactly zero for every pair at or bey
 makes a static all-pairs graph or a padded Verlet list equivalent to a radius graph), the
 filters of all interaction blocks are evaluated together and once per unordered pair (edges come
 as ``[half; reversed half]``), messages are summed with ``index_add`` and the readout is a
-per-structure sum of known size (no host sync).
+per-structure sum of known size (no host sync).  In MD (:meth:`using_radial_table`) the filters
+come from a cubic Hermite table of the current parameters (:mod:`mdsim.models.radial_table`).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
 from .base import PotentialModel
+from .radial_table import RadialTable
 
 
 class SchNetModel(PotentialModel):
@@ -25,6 +28,11 @@ class SchNetModel(PotentialModel):
     #: MD may pass a padded Verlet list (PotentialModel.using_neighbors): padded slots are
     #: out-of-range pairs, which the clamped cosine cutoff zeroes with zero gradient
     supports_neighbor_list = True
+    #: MD may read the continuous filters W_k(d)·C(d) from a table (using_radial_table)
+    supports_radial_table = True
+    _radial_table: Optional[RadialTable] = None
+    _radial_table_signature = None
+    _table_active = False
 
     def __init__(self, hidden_channels: int = 64, num_filters: int = 64, num_interactions: int = 6,
                  num_gaussians: int = 25, cutoff: float = 5.0, max_num_neighbors: int = 32):
@@ -72,21 +80,76 @@ class SchNetModel(PotentialModel):
 
     def _filters(self, dist: Tensor) -> Tensor:
         """Continuous filters W_k(d) = (ssp(rbf(d) A_k + a_k) B_k + b_k) · C(d) of all interaction
-        blocks k at once (one GEMM for the first layers, one batched GEMM for the second):
-        the same arithmetic as each block's ``conv.nn`` times the cosine cutoff, fewer and larger
-        kernels.  Returns (K, P, F)."""
-        edge_attr = self.distance_expansion(dist)
-        c = 0.5 * (torch.cos(dist * (math.pi / self.cutoff)) + 1.0)
+        blocks k at once, (K, P, F): from the radial table inside :meth:`using_radial_table`,
+        else from the network (:meth:`_filter_network`)."""
+        table = self._radial_table
+        if self._table_active and table is not None:
+            k, f = len(self.interactions), self.interactions[0].conv.nn[0].out_features
+            return table(dist).reshape(-1, k, f).transpose(0, 1)
+        return self._filter_network(dist, self._filter_parameters())
+
+    def _filter_parameters(self) -> Dict[str, Tensor]:
+        """The tensors the filters depend on, stacked over the interaction blocks."""
         first = [blk.conv.nn[0] for blk in self.interactions]
         second = [blk.conv.nn[2] for blk in self.interactions]
-        k, f = len(first), first[0].out_features
-        a = torch.cat([m.weight for m in first], dim=0)  # (K·F, G)
-        b = torch.cat([m.bias for m in first], dim=0)
-        hid = self.interactions[0].conv.nn[1](torch.addmm(b, edge_attr, a.t()))  # shifted softplus
+        return dict(a=torch.cat([m.weight for m in first], dim=0),  # (K·F, G)
+                    b=torch.cat([m.bias for m in first], dim=0),
+                    w2=torch.stack([m.weight.t() for m in second]),  # (K, F, F')
+                    b2=torch.stack([m.bias for m in second]).unsqueeze(1),  # (K, 1, F')
+                    offset=self.distance_expansion.offset)
+
+    def _filter_network(self, dist: Tensor, p: Dict[str, Tensor]) -> Tensor:
+        """The filter network of all blocks (one GEMM for the first layers, one batched GEMM for
+        the second): the same arithmetic as each block's ``conv.nn`` times the cosine cutoff,
+        fewer and larger kernels.  Returns (K, P, F)."""
+        gauss = torch.exp(self.distance_expansion.coeff * (dist.view(-1, 1) - p["offset"].view(1, -1)).pow(2))
+        c = 0.5 * (torch.cos(dist * (math.pi / self.cutoff)) + 1.0)
+        k, f = len(self.interactions), self.interactions[0].conv.nn[0].out_features
+        hid = self.interactions[0].conv.nn[1](torch.addmm(p["b"], gauss, p["a"].t()))  # shifted softplus
         hid = hid.reshape(-1, k, f).transpose(0, 1)  # (K, P, F)
-        w2 = torch.stack([m.weight.t() for m in second])  # (K, F, F')
-        b2 = torch.stack([m.bias for m in second]).unsqueeze(1)  # (K, 1, F')
-        return torch.baddbmm(b2, hid, w2) * c.unsqueeze(-1)
+        return torch.baddbmm(p["b2"], hid, p["w2"]) * c.unsqueeze(-1)
+
+    # ------------------------------------------------------------------ radial table (MD)
+    @contextmanager
+    def using_radial_table(self, spacing: Optional[float]):
+        if spacing is None:
+            yield self
+            return
+        self.refresh_radial_table(spacing)
+        old, self._table_active = self._table_active, True
+        try:
+            yield self
+        finally:
+            self._table_active = old
+
+    def refresh_radial_table(self, spacing: float) -> RadialTable:
+        """(Re)build the filter table when the spacing, the filter parameters (storage, in-place
+        version, dtype, device) or the cutoff changed since the last build; returns it."""
+        params = self._filter_parameters_raw()
+        ref = params[0]
+        sig = (float(spacing), float(self.cutoff), ref.dtype, str(ref.device),
+               tuple((t.data_ptr(), t._version) for t in params))
+        table = self._radial_table
+        if table is None or table.cutoff != float(self.cutoff) or self._radial_table_signature is None \
+                or self._radial_table_signature[0] != float(spacing):
+            table = RadialTable(self.cutoff, spacing, zero_at_cutoff=True)
+        if table is not self._radial_table or sig != self._radial_table_signature:
+            with torch.no_grad():
+                p64 = {key: t.detach().to(torch.float64) for key, t in self._filter_parameters().items()}
+                k = len(self.interactions)
+
+                def fn(d: Tensor) -> Tensor:  # (P,) → (P, K·F), float64
+                    w = self._filter_network(d, p64)
+                    return w.transpose(0, 1).reshape(d.shape[0], -1)
+
+                table.build(fn, ref.dtype, ref.device)
+                assert table.coeffs.shape[-1] % k == 0
+            self._radial_table, self._radial_table_signature = table, sig
+        return table
+
+    def _filter_parameters_raw(self):
+        mods = [m for blk in self.interactions for m in (blk.conv.nn[0], blk.conv.nn[2])]
+        return [t for m in mods for t in (m.weight, m.bias)] + [self.distance_expansion.offset]
 
 
 def _no_graph(pos, batch):  # pragma: no cover - never called, our forward builds graphs

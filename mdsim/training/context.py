@@ -86,7 +86,8 @@ def prepare(cfg: StableConfig, checkpoint: Optional[Path] = None, log=print,
     vstride = setup.vacf_stride(train.frame_spacing_fs, cfg.timestep)
     oset = ObservableSet(cfg, system, vacf_stride=vstride)
     refs = load_references(cfg, oset, train, log)
-    ff = ModelForceField(model, system.atomic_numbers, dtype=dtype, neighbor_skin=cfg.neighbor_skin)
+    ff = ModelForceField(model, system.atomic_numbers, dtype=dtype, neighbor_skin=cfg.neighbor_skin,
+                         radial_table_spacing=cfg.radial_table_spacing)
     integ = make_integrator(cfg.integrator, cfg.timestep, cfg.temperature,
                             {"ttime": cfg.integrator_config.ttime, "gamma": cfg.integrator_config.gamma},
                             dof_convention=cfg.dof_convention)

@@ -35,7 +35,8 @@ RESUME_VERSION = 1
 #: config keys that may differ between the run that wrote resume.pt and the run resuming it
 #: keys that may differ when a run is resumed: the run length, display, the evaluated model, and
 #: how the MD steps run (backend, neighbour-list skin: the same dynamics to float rounding)
-RESUMABLE_CHANGES = frozenset({"n_epochs", "progress", "eval_model", "md_backend", "neighbor_skin"})
+RESUMABLE_CHANGES = frozenset({"n_epochs", "progress", "eval_model", "md_backend", "neighbor_skin",
+                               "radial_table_spacing"})
 
 
 def state_to_dict(s: MDState) -> dict:
