@@ -75,10 +75,13 @@ def measure(code_root: Path, data_dir: Path, checkpoint: Path, log_dir: Path, ar
 
     loop = stable.StableLoop(ctx, comm, lambda *a: None)
     loop.start()
-    if args.backend != "eager":  # compile once outside the timed region
+    compile_s = 0.0
+    if args.backend != "eager":  # compile once outside the timed region (once per run, not per epoch)
+        t_c = time.perf_counter()
         stable.simulate(loop.integrator, ctx.force_field, loop.state.clone(), 2 * cfg.n_dump, cfg.n_dump,
                         cfg.eq_steps, ctx.oset.vacf_stride, torch.Generator().manual_seed(1), progress=False,
-                        backend=cfg.md_backend)
+                        backend=cfg.md_backend, planned_steps=cfg.steps * cfg.n_epochs)
+        compile_s = time.perf_counter() - t_c
     times: dict = {}
 
     def timed(name, fn):
@@ -110,10 +113,17 @@ def measure(code_root: Path, data_dir: Path, checkpoint: Path, log_dir: Path, ar
     parts["total"] = total
     k = getattr(cfg, "energy_force_frames_per_epoch", None)
     return {"parts": parts, "mdsim": str(Path(mdsim.__file__).parent), "threads": torch.get_num_threads(),
+            "backend": args.backend if args.backend != "auto" else "auto → " + stable_backend(loop, ctx, cfg),
+            "compile_s": compile_s,
             "unstable": scalars.get("Fraction of Unstable Replicas"),
             "estimator_samples": shapes[0][0] * shapes[0][1],
             "ef_frames": len(ctx.train) if k is None else min(k, len(ctx.train)),
             "ms_per_step": 1000 * parts["simulation"] / cfg.steps}
+
+
+def stable_backend(loop, ctx, cfg) -> str:
+    from mdsim.md.rollout import resolve_auto_backend
+    return resolve_auto_backend(loop.state, ctx.force_field, cfg.steps * cfg.n_epochs)[0]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -161,12 +171,12 @@ def checkout(sha: str, tmp: Path) -> Path:
     return where
 
 
-def run_child(code_root: Path, data_dir: Path, ckpt: Path, log_dir: Path, args, ef_frames) -> dict:
+def run_child(code_root: Path, data_dir: Path, ckpt: Path, log_dir: Path, args, ef_frames, backend) -> dict:
     out = log_dir / "result.json"
     log_dir.mkdir(parents=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(code_root), str(data_dir), str(ckpt),
            str(log_dir), "--replicas", str(args.replicas), "--steps", str(args.steps), "--n-dump", str(args.n_dump),
-           "--device", args.device, "--backend", args.backend]
+           "--device", args.device, "--backend", backend]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if ef_frames is not None:
@@ -186,10 +196,10 @@ def report(results: dict, args) -> None:
            for side, rs in results.items()}
     first = next(iter(results.values()))[0]
     print(f"StABlE learning epoch: {args.replicas} replicas × {args.steps} steps (n_dump {args.n_dump}) → "
-          f"{first['estimator_samples']} estimator samples; device {args.device}, backend {args.backend}, "
-          f"threads {first['threads']}")
+          f"{first['estimator_samples']} estimator samples; device {args.device}, threads {first['threads']}")
     for side, rs in results.items():
-        print(f"  {side}: mdsim {rs[0]['mdsim']}, {rs[0]['ef_frames']} energy/force frames, "
+        print(f"  {side}: mdsim {rs[0]['mdsim']}, md_backend {rs[0].get('backend')} (warm-up/compile before "
+              f"the epoch {rs[0].get('compile_s', 0.0):.1f} s, not timed), {rs[0]['ef_frames']} energy/force frames, "
               f"{len(rs)} run(s), median {med[side]['total']:.2f} s, "
               f"{statistics.median(r['ms_per_step'] for r in rs):.2f} ms/MD step")
     sides = list(results)
@@ -213,7 +223,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--n-dump", type=int, default=100)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="eager", choices=["eager", "compile", "cuda_graph"])
+    p.add_argument("--backend", default="eager", choices=["auto", "eager", "compile", "cuda_graph"],
+                   help="md_backend of the current code (auto: what a StABlE run uses by default)")
+    p.add_argument("--ref-backend", default=None, choices=["eager", "compile", "cuda_graph"],
+                   help="md_backend of the --compare-to side (default: --backend; the code before the "
+                        "speed work had no auto and defaulted to eager)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ef-frames", type=int, default=None,
                    help="energy_force_frames_per_epoch of the current code (default: all training frames)")
@@ -237,15 +251,15 @@ def main(argv=None) -> int:
     ref_tree = None
     try:
         data_dir, ckpt = prepare_inputs(raw, args.checkpoint, tmp)
-        sides = [("current", ROOT, args.ef_frames)]
+        sides = [("current", ROOT, args.ef_frames, args.backend)]
         if args.compare_to:
             ref_tree = checkout(sha, tmp)
-            sides.insert(0, (args.compare_to, ref_tree, None))
-        results = {name: [] for name, _, _ in sides}
+            sides.insert(0, (args.compare_to, ref_tree, None, args.ref_backend or args.backend))
+        results = {name: [] for name, _, _, _ in sides}
         for i in range(args.repeats):
-            for name, code, k in (sides if i % 2 == 0 else sides[::-1]):
+            for name, code, k, backend in (sides if i % 2 == 0 else sides[::-1]):
                 results[name].append(run_child(code, data_dir, ckpt, tmp / f"run_{name.replace('/', '_')}_{i}",
-                                               args, k))
+                                               args, k, backend))
         report(results, args)
     finally:
         if ref_tree is not None:

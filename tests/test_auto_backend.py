@@ -28,7 +28,8 @@ def test_auto_rules():
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert ro.resolve_auto_backend(st, ff, long_run)[0] == "eager"  # threads: eager is faster
+        backend, why = ro.resolve_auto_backend(st, ff, long_run)
+        assert backend == "compile" and "1 of this process's 2 threads" in why
     finally:
         torch.set_num_threads(n)
     periodic = _state(cell=torch.eye(3).expand(2, 3, 3) * 10)
@@ -46,3 +47,41 @@ def test_auto_is_the_default_and_logged_once(capsys):
         assert stepper.backend == "eager"
     err = capsys.readouterr().err
     assert err.count("md_backend auto → eager") == 1
+
+
+def test_compiled_cpu_steps_run_on_one_thread_and_restore_the_setting():
+    """FastStepper(compile) on a CPU runs its steps with cpu_threads intra-op threads (default 1,
+    measured faster) and gives the process its own setting back; eager runs keep it."""
+    from mdsim.md.compiled import FastStepper
+    model = SchNetModel(hidden_channels=8, num_filters=8, num_interactions=1, num_gaussians=5, cutoff=3.0)
+    z = torch.tensor([1, 1, 6, 8, 1])
+    seen = []
+
+    class Spy(ModelForceField):
+        def compute(self, positions, cell=None):
+            seen.append(torch.get_num_threads())
+            return super().compute(positions, cell)
+
+    ff = Spy(model, z)
+    integ = make_integrator("VelocityVerlet", 0.5)
+    st = _state()
+    e, f = ff(st.positions)
+    st = MDState(positions=st.positions, velocities=st.velocities, forces=f, energy=e, masses=st.masses)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen.clear()
+        FastStepper(integ, ff, st, "eager").run(st, 2)
+        assert seen == [2, 2]
+        fast = FastStepper(integ, ff, st, "compile", compile_backend="eager")
+        fast.force_fn = ff  # trace the spy (the functional force field is what compile uses otherwise)
+        fast._tensor_step = __import__("mdsim.md.compiled", fromlist=["x"]).make_tensor_step(integ, ff)
+        seen.clear()
+        fast.run(st, 2)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        FastStepper(integ, ff, st, "compile", compile_backend="eager", cpu_threads=None)._threads().__enter__()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)

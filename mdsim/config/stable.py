@@ -144,9 +144,10 @@ class StableConfig:
     # ---- performance / device
     device: str = option("auto", "(new) cpu, cuda, cuda:N or auto.")
     md_backend: str = option("auto", "(new) How MD steps run: eager, compile (torch.compile), cuda_graph (CUDA "
-                             "graphs), or auto: cuda_graph on CUDA; on a CPU compile when the process has one "
-                             "thread and steps × n_epochs × replicas × atoms ≥ 2e7 (compiling pays), else "
-                             "eager; periodic systems eager; the choice is logged once.",
+                             "graphs), or auto: cuda_graph on CUDA; on a CPU compile when steps × n_epochs × "
+                             "replicas × atoms ≥ 2e7 (compiling pays; compiled CPU steps run on one thread, "
+                             "faster than several), else eager; periodic systems eager; the choice is logged "
+                             "once.",
                              choices=BACKENDS)
     neighbor_skin: Optional[float] = option(0.3, "(new) Verlet neighbour-list skin (Å) of the MD force field for "
                                             "models that support it (SchNet): pairs within cutoff + skin, "

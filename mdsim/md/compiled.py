@@ -186,14 +186,21 @@ class FastStepper:
     noise, recapture on re-allocated parameters — on any device, with "replay" executing the
     block eagerly instead of a captured graph.
 
+    ``cpu_threads``: intra-op threads while compiled steps run on a CPU (default 1; restored
+    after each ``run``; None: leave the process's setting).  Inductor's generated CPU kernels
+    and the small matrix products of a molecule's step use several threads poorly: on 2 cores,
+    64 aspirin replicas took 145 ms per compiled step with 2 threads and 76 ms with one
+    (BENCHMARKS.md).  To use more cores, shard replicas over processes (torchrun).
+
     ``run(state, n_steps, generator) -> (state, Block)``; ``step(state, generator) -> state``.
     ``backend`` is the backend in use after fallbacks."""
 
     def __init__(self, integrator: Integrator, force_fn, state: MDState, backend: str = "compile",
                  compile_backend: str = "inductor", compile_mode: Optional[str] = None,
                  fullgraph: bool = False, block_steps: int = 100, warmup_steps: int = 2,
-                 emulate_graph: bool = False):
+                 emulate_graph: bool = False, cpu_threads: Optional[int] = 1):
         self.integrator = integrator
+        self.cpu_threads = None if cpu_threads is None else max(1, int(cpu_threads))
         self.requested = backend
         self.emulate_graph = bool(emulate_graph)
         if self.emulate_graph and backend == "cuda_graph" and state.cell is None:
@@ -226,6 +233,22 @@ class FastStepper:
         self.redone_steps = 0  # compiled steps redone after a Verlet-list violation (diagnostics)
 
     # -- helpers ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _threads(self):
+        """Intra-op threads ``cpu_threads`` while compiled steps run on a CPU (then restored)."""
+        if self.backend != "compile" or self.device.type != "cpu" or self.cpu_threads is None:
+            yield
+            return
+        prev = torch.get_num_threads()
+        if prev == self.cpu_threads:
+            yield
+            return
+        torch.set_num_threads(self.cpu_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(prev)
+
     def _check(self, state: MDState) -> None:
         if (state.n_replicas, state.n_atoms) != (self.n_replicas, self.n_atoms):
             raise ValueError(f"state has {state.n_replicas} replicas of {state.n_atoms} atoms; this stepper "
@@ -284,7 +307,7 @@ class FastStepper:
         # here, on the host, before any compiled call or capture reads them
         tables = self.eager_force_fn.tables() if isinstance(self.eager_force_fn, ModelForceField) \
             else contextlib.nullcontext()
-        with torch.no_grad(), tables:
+        with torch.no_grad(), tables, self._threads():
             if self.backend == "cuda_graph":
                 return self._run_graph(state, n_steps, generator)
             if self.backend == "eager":  # resolved or compile failed earlier

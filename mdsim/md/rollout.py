@@ -42,11 +42,12 @@ _AUTO_LOGGED: set = set()
 
 def resolve_auto_backend(state: MDState, force_fn=None, planned_steps: Optional[int] = None) -> Tuple[str, str]:
     """The backend ``md_backend: auto`` runs, and why (one line): periodic systems and plain
-    potentials → eager; molecules with a model on CUDA → cuda_graph; on a CPU with several
-    intra-op threads → eager (measured faster there, BENCHMARKS.md); on one thread → compile when
+    potentials → eager; molecules with a model on CUDA → cuda_graph; on a CPU → compile when
     ``planned_steps`` × replicas × atoms (None: unknown, taken as long) ≥
-    :data:`AUTO_COMPILE_MIN_ATOM_STEPS`, else eager (compilation would not pay).  A compile
-    failure falls back to eager later, with a warning."""
+    :data:`AUTO_COMPILE_MIN_ATOM_STEPS`, else eager (compilation would not pay).  Compiled CPU
+    steps run on one intra-op thread (:class:`mdsim.md.compiled.FastStepper` ``cpu_threads``:
+    faster than several, BENCHMARKS.md); more cores are used by sharding replicas over
+    processes.  A compile failure falls back to eager later, with a warning."""
     dev = state.positions.device.type
     if state.cell is not None:
         return "eager", "periodic system (host-side neighbour lists)"
@@ -54,15 +55,15 @@ def resolve_auto_backend(state: MDState, force_fn=None, planned_steps: Optional[
         return "eager", "no learned model to compile"
     if dev == "cuda":
         return "cuda_graph", "CUDA device, molecule"
-    if torch.get_num_threads() > 1:
-        return "eager", (f"CPU with {torch.get_num_threads()} threads: the compiled step uses several "
-                         "threads poorly, eager is faster (for compile run one single-thread process "
-                         "per core, e.g. torchrun with OMP_NUM_THREADS=1)")
     work = None if planned_steps is None else planned_steps * state.n_replicas * state.n_atoms
     if work is not None and work < AUTO_COMPILE_MIN_ATOM_STEPS:
         return "eager", (f"{work:.3g} planned atom-steps < {AUTO_COMPILE_MIN_ATOM_STEPS:.3g}: "
                          "compiling would not pay")
-    return "compile", f"{dev}, molecule, {'unknown' if work is None else f'{work:.3g}'} planned atom-steps"
+    why = f"{dev}, molecule, {'unknown' if work is None else f'{work:.3g}'} planned atom-steps"
+    if dev == "cpu" and torch.get_num_threads() > 1:
+        why += (f"; compiled steps run on 1 of this process's {torch.get_num_threads()} threads (faster; "
+                "for more cores run one process per core: torchrun with OMP_NUM_THREADS=1)")
+    return "compile", why
 
 
 def _log_once(msg: str) -> None:
