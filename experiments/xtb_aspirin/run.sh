@@ -117,7 +117,7 @@ restore() {  # restore NAME DEST_DIR
     local src=$E/resume/$1 dst=$2
     [ "$QUICK" = 1 ] && return 0
     if [ -d "$src" ] && [ ! -e "$dst/checkpoint.pt" ] && [ ! -e "$dst/resume.pt" ]; then
-        mkdir -p "$dst" && cp -p "$src"/* "$dst"/ && echo "[$(date +%T)] restored $1 from $src"
+        mkdir -p "$dst" && cp -rp "$src"/* "$dst"/ && echo "[$(date +%T)] restored $1 from $src"
     fi
 }
 restore qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints"
@@ -136,6 +136,9 @@ else
     ST=(python stable_training.py)
 fi
 # ---- StABlE training from qm_1k's best checkpoint (resumes from resume.pt when rerun)
+if [ -f "$E/resume/stable_1k/.folder" ]; then
+    restore stable_1k "$OUT/stable_runs/$(cat "$E/resume/stable_1k/.folder")"
+fi
 stage stable_1k "${ST[@]}" --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "${STABLE_Q[@]}"
 [ -f "$CKPT/stable_1k.pt" ] || export_ckpt "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_*/ckpt.pt | head -n 1)" stable_1k
 report

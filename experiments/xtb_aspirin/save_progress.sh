@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copy the resume files of the study's unfinished long stages from the git-ignored out/ into
+# Copy the resume files of the study's unfinished long stages (QM pretraining, StABlE training) from the git-ignored out/ into
 # experiments/xtb_aspirin/resume/<stage>/ so that they can be committed: a later session on a
 # fresh machine then continues them (run.sh restores them into out/) instead of starting over.
 # Finished stages need nothing here: run.sh exports their final checkpoints to checkpoints/.
@@ -15,8 +15,14 @@ save() {  # save NAME SRC_DIR FILE...
     [ -f "$OUT/done/$name" ] && { rm -rf "$E/resume/$name"; return 0; }  # finished: nothing to keep
     [ -d "$src" ] || return 0
     mkdir -p "$E/resume/$name"
-    for f in "$@"; do [ -f "$src/$f" ] && cp -p "$src/$f" "$E/resume/$name/"; done
+    for f in "$@"; do [ -e "$src/$f" ] && cp -rp "$src/$f" "$E/resume/$name/"; done
+    basename "$src" > "$E/resume/$name/.folder"  # run.sh restores into a folder of this name
     echo "saved $name: $(ls "$E/resume/$name" | tr '\n' ' ')"
 }
 save qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints" checkpoint.pt best_checkpoint.pt config.yml
 save qm_10k "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints" checkpoint.pt best_checkpoint.pt config.yml
+# StABlE training: resume.pt (all MD states, optimiser, RNG, phase), the latest model, the
+# configs and the tensorboard logs (training curves); not the per-epoch checkpoints
+ST=$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* 2>/dev/null | head -n 1 || true)
+[ -n "$ST" ] && save stable_1k "$ST" resume.pt ckpt.pt stable_training_config.yml pretraining_config.yml logs
+exit 0
