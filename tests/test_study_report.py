@@ -128,3 +128,44 @@ def test_horizon_rule(tmp_path):
     # median not reached within the pilot (4 of 6 stable at 20 ps): the pilot length stands in
     d2 = fake_eval(tmp_path / "b", "pilot_qm_1k_700K", [1.0, 2.0, 20, 20, 20, 20], 4, 20, rng)
     assert horizon.horizon(d2, 20, 3, 100) == 60
+
+
+def test_pretrain_summary_and_baseline_table_and_timings_outlive_out(tmp_path, capsys):
+    """pretrain_summary.py takes the last JSON block of a resumed stage log (earlier, killed runs
+    printed none or other blocks) and the test errors; report.py lists the baselines with the
+    rule that stopped them, and keeps stage wall times in results/ once out/ is gone."""
+    summary = _load("pretrain_summary")
+    log = tmp_path / "qm_1k.log"
+    log.write_text("resuming from x at epoch 36\n{\n \"epochs\": 3, \"stopped\": \"wall_time\"\n}\n"
+                   "resuming from x at epoch 348\nwarning: something { odd\n"
+                   "{\n  \"run_dir\": \"r\",\n  \"epochs\": 612,\n  \"stopped\": \"min_lr\",\n"
+                   "  \"best_val\": {\"forces_mae\": 0.0701}\n}\n")
+    test = tmp_path / "test.json"
+    test.write_text('{\n  "energy_mae": 0.029,\n  "forces_mae": 0.0684\n}\n')
+    npz = tmp_path / "data.npz"
+    np.savez(npz, E=np.zeros((7, 1)), F=np.zeros((7, 3, 3)))
+    capsys.readouterr()
+    assert summary.main(["--log", str(log), "--test-json", str(test), "--test-data", str(npz)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == {"epochs": 612, "stopped": "min_lr", "best_val": {"forces_mae": 0.0701},
+                   "test": {"energy_mae": 0.029, "forces_mae": 0.0684}, "test_frames": 7}
+    unfinished = tmp_path / "unfinished.log"
+    unfinished.write_text("resuming from x at epoch 348\n")
+    assert summary.main(["--log", str(unfinished), "--test-json", str(test)]) == 2
+
+    report = _load("report")
+    dest, out = tmp_path / "dest", tmp_path / "out"
+    (dest / "results").mkdir(parents=True)
+    (dest / "results" / "pretrain_qm_1k.json").write_text(json.dumps(got))
+    out.mkdir()
+    (out / "timings.tsv").write_text("study (full) started x\nqm_1k\t4321\t2026-12-02T04:40:00\n")
+    assert report.main(["--out", str(out), "--dest", str(dest), "--no-figures"]) == 0
+    md = (dest / "results" / "results.md").read_text()
+    assert "| QM(1k) | 612 | lr ≤ early_stopping_lr (the original's rule) | 0.0701 | 7 | 0.029 | 0.0684 |" in md
+    import shutil
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "timings.tsv").write_text("stable_1k\t99\t2026-12-03T01:00:00\n")
+    assert report.main(["--out", str(out), "--dest", str(dest), "--no-figures"]) == 0
+    res = json.loads((dest / "results" / "results.json").read_text())
+    assert res["timings_s"] == {"qm_1k": 4321, "stable_1k": 99}

@@ -227,6 +227,21 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res["not_run"]:
         lines += ["Not run yet: " + ", ".join(res["not_run"]) + ".", ""]
+    pre = res.get("pretraining") or {}
+    if pre:
+        lines += ["## QM baselines (pretraining)", "",
+                  "| model | epochs | stopped by | best val force MAE (eV/Å) | test frames | test energy MAE (eV) "
+                  "| test force MAE (eV/Å) |", "|---|---|---|---|---|---|---|"]
+        rules = {"min_lr": "lr ≤ early_stopping_lr (the original's rule)", "wall_time": "wall-time limit",
+                 "max_epochs": "max_epochs"}
+        for key, label in MODELS:
+            p = pre.get(key)
+            if p:
+                bv = (p.get("best_val") or {}).get("forces_mae")
+                lines.append(f"| {label} | {p.get('epochs')} | {rules.get(p['stopped'], p['stopped'])} | {_f(bv)} "
+                             f"| {p.get('test_frames', '—')} | {_f(p['test'].get('energy_mae'))} "
+                             f"| {_f(p['test'].get('forces_mae'))} |")
+        lines.append("")
     tr = res.get("stable_training")
     if tr:
         lines += ["## StABlE training", "", f"Epochs: {tr['epochs']}, learning epochs: {tr['learning_epochs']}, "
@@ -406,15 +421,31 @@ def fig_training(sc, fig_dir: Path):
     plt.close(fig)
 
 
-def timings(out: Path) -> dict:
+def timings(out: Path, dest: Path) -> dict:
+    """Wall time (s) per stage: the latest run of each in out/timings.tsv, merged into
+    ``<dest>/results/timings.json`` (kept in git, so that stages run on other machines stay listed)."""
+    cache = dest / "results" / "timings.json"
+    last = json.loads(cache.read_text()) if cache.is_file() else {}
     p = out / "timings.tsv"
-    last = {}
     if p.is_file():
         for line in p.read_text().splitlines():
             parts = line.split("\t")
             if len(parts) == 3 and parts[1].isdigit():
                 last[parts[0]] = int(parts[1])
+    if last:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(last, indent=1) + "\n")
     return last
+
+
+def pretraining(dest: Path) -> dict:
+    """``results/pretrain_<model>.json`` written by run.sh (pretrain_summary.py) per QM baseline."""
+    out = {}
+    for key, _ in MODELS:
+        f = dest / "results" / f"pretrain_{key}.json"
+        if f.is_file():
+            out[key] = json.loads(f.read_text())
+    return out
 
 
 def _jsonable(x):
@@ -440,7 +471,8 @@ def main(argv=None) -> int:
     res, runs = analyse(out, dest)
     sc = training_scalars(out, dest)
     res["stable_training"] = training_summary(sc)
-    res["timings_s"] = timings(out)
+    res["timings_s"] = timings(out, dest)
+    res["pretraining"] = pretraining(dest)
     for (key, temp), r in runs.items():
         res.setdefault("folders", {})[f"{key}_{temp}K"] = str(r["dir"])
     md = markdown(res)

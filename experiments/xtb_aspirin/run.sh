@@ -96,6 +96,16 @@ export_ckpt() {  # export_ckpt SRC NAME — small loadable copy in $CKPT (checke
         || { echo "exporting $1 failed (see $OUT/logs/export.log)" >&2; exit 1; }
 }
 
+pretrain_summary() {  # pretrain_summary NAME SIZE CONFIG OVERRIDES... → results: how it stopped + test MAEs
+    local name=$1 size=$2 cfg=$3; shift 3
+    local f=$DEST/results/pretrain_$name.json
+    [ -f "$f" ] && return 0
+    python pretraining.py --mode test --config-yml "$cfg" "$@" > "$OUT/logs/test_$name.json" 2>> "$OUT/logs/test_$name.log" \
+        && python "$E/pretrain_summary.py" --log "$OUT/logs/$name.log" --test-json "$OUT/logs/test_$name.json" \
+            --test-data "$OUT/data/xtb/aspirin/$size/test/data.npz" > "$f.tmp" && mv "$f.tmp" "$f" \
+        || { rm -f "$f.tmp"; echo "test-set errors of $name failed (see $OUT/logs/test_$name.log)" >&2; }
+}
+
 report() { python "$E/report.py" --out "$OUT" --dest "$DEST" --no-figures > "$OUT/logs/report.log" 2>&1 \
     || echo "report.py failed (see $OUT/logs/report.log)" >&2; }
 
@@ -125,6 +135,7 @@ restore qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints"
 # ---- QM pretraining (resumes from checkpoint.pt when rerun)
 stage qm_1k python pretraining.py --mode train --config-yml "$CFG/qm_1k.yml" "${PRE_PATHS[@]}" "${PRE_Q[@]}"
 [ -f "$CKPT/qm_1k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt" qm_1k
+pretrain_summary qm_1k 1k "$CFG/qm_1k.yml" "${PRE_PATHS[@]}" "${PRE_Q[@]}"
 
 # ---- StABlE training and evaluations: one single-thread process per core under torchrun
 # (replicas sharded; docs/distributed.md: the fastest way to run MD on a multi-core CPU).
@@ -147,6 +158,7 @@ report
 if [ $SKIP10K = 0 ]; then
     stage qm_10k python pretraining.py --mode train --config-yml "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
     [ -f "$CKPT/qm_10k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints/best_checkpoint.pt" qm_10k
+    pretrain_summary qm_10k 10k "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
 fi
 
 # ---- the original's checkpoints (DFT MD17-trained), re-saved in our format
