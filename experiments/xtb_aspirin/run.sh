@@ -17,10 +17,11 @@
 #
 # Stages (each skipped when its marker out*/done/<stage> exists; one long job at a time):
 #   data → qm_1k (pretraining, configs/qm_1k.yml) →
-#   stable_1k (StABlE from qm_1k's best checkpoint, configs/stable_1k.yml) → qm_10k (configs/qm_10k.yml) →
+#   stable_1k (StABlE from qm_1k's best checkpoint, configs/stable_1k.yml) →
 #   pilot_<T>K (QM(1k), another seed and fewer replicas: sets the horizon at T = 500, 700 K) →
-#   eval_<model>_<T>K (configs/eval.yml: qm_1k, stable_1k, qm_10k, original_qm_1k,
-#   original_stable_1k at 500 and 700 K, same starts and noise for all) → report.
+#   eval_<model>_<T>K (configs/eval.yml: qm_1k, stable_1k, original_qm_1k, original_stable_1k at
+#   500 and 700 K, same starts and noise for all) → qm_10k (configs/qm_10k.yml) → eval_qm_10k_<T>K
+#   → report.
 # Interrupted? Rerun the same command: pretraining and StABlE training resume from their last
 # epoch; an evaluation has no resume and reruns whole (minutes to hours, see README.md).
 # Horizon (ps) at T: HORIZON_<T>K if set, else max(HORIZON_MIN, HORIZON_FACTOR x the pilot's
@@ -154,16 +155,8 @@ stage stable_1k "${ST[@]}" --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "$
 [ -f "$CKPT/stable_1k.pt" ] || export_ckpt "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_*/ckpt.pt | head -n 1)" stable_1k
 report
 
-# ---- QM(10k): the "more data" baseline (after StABlE, the headline, so a short session finishes that first)
-if [ $SKIP10K = 0 ]; then
-    stage qm_10k python pretraining.py --mode train --config-yml "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
-    [ -f "$CKPT/qm_10k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints/best_checkpoint.pt" qm_10k
-    pretrain_summary qm_10k 10k "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
-fi
-
 # ---- the original's checkpoints (DFT MD17-trained), re-saved in our format
 MODELS=(qm_1k stable_1k)
-[ $SKIP10K = 0 ] && MODELS+=(qm_10k)
 if [ -d "$ORIG" ]; then
     [ -f "$OUT/original/original_qm_1k.pt" ] || python "$E/convert_original.py" \
         "$ORIG/schnet_aspirin_1k_pretrained/best_checkpoint.pt" "$OUT/original/original_qm_1k.pt" >> "$OUT/logs/export.log" 2>&1
@@ -195,7 +188,8 @@ for T in 500 700; do
 done
 
 # ---- evaluations: every model at both temperatures, identical protocol, starts and noise
-for M in "${MODELS[@]}"; do
+evaluate() {  # evaluate MODEL: both temperatures, small outputs copied to results/evals/ (tracked)
+    local M=$1 T H dst src f
     for T in 500 700; do
         H=$(cat "$OUT/horizon_${T}K.txt")
         stage "eval_${M}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$(epochs "$H")" \
@@ -204,14 +198,26 @@ for M in "${MODELS[@]}"; do
         if [ ! -f "$dst/final_metrics.json" ]; then
             src=$(ls -d "$OUT"/evals/schnet_aspirin_${M}_${T}K_*/inference/pre | head -n 1)
             mkdir -p "$dst"
-            for f in final_metrics.json replicas_stable_time.npy simulate_config.yml \
-                     final_rdf_maes.npy final_adf_maes.npy final_vacf_maes.npy; do
+            for f in final_metrics.json replicas_stable_time.npy replicas_stable.npy simulate_config.yml \
+                     final_rdf_maes.npy final_adf_maes.npy final_vacf_maes.npy final_rdfs.npy final_adfs.npy \
+                     final_vacfs.npy gt_rdf.npy gt_adf.npy gt_vacf.npy; do
                 [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
             done
         fi
         report
     done
-done
+}
+# the headline comparison first (QM(1k), StABlE(1k), the original's pair), then the QM(10k) baseline,
+# whose pretraining alone takes hours (a session that stops early has the main result)
+for M in "${MODELS[@]}"; do evaluate "$M"; done
+
+# ---- QM(10k): the "more data" baseline
+if [ $SKIP10K = 0 ]; then
+    stage qm_10k python pretraining.py --mode train --config-yml "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
+    [ -f "$CKPT/qm_10k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints/best_checkpoint.pt" qm_10k
+    pretrain_summary qm_10k 10k "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
+    evaluate qm_10k
+fi
 
 printf 'total\t%s\t%s\n' "$SECONDS" "$(date -Is)" >> "$TIMES"
 stage_report() { python "$E/report.py" --out "$OUT" --dest "$DEST"; }
