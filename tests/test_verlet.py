@@ -170,3 +170,29 @@ def test_periodic_md_with_verlet_list_matches_fresh_lists_when_atoms_cross_the_c
         e2, f2 = ff_ref(x, cell)
         assert (f1 - f2).abs().max() < 1e-10 and (e1 - e2).abs().max() < 1e-10
     assert x[0, 0, 0] > L
+
+
+def test_complete_list_of_a_small_molecule_skips_the_displacement_check():
+    """When every pair of every replica is within cutoff + skin (ethanol-sized molecules), the
+    list is complete: no pair can be missing whatever the motion, so it is never rebuilt and
+    forces stay equal to the all-pairs ones even after large moves.  A molecule with pairs
+    beyond cutoff + skin keeps the check."""
+    g = torch.Generator().manual_seed(4)
+    small = torch.randn(2, 6, 3, generator=g, dtype=torch.float64) * 0.8  # all pairs < 3.6 Å
+    nl = VerletList(3.0, skin=0.6)
+    nl.update(small)
+    assert nl.complete and nl.n_pairs == 2 * 15
+    moved = small + 0.9 * torch.randn(small.shape, generator=g, dtype=small.dtype)  # ≫ skin/2
+    assert not nl.update(moved) and nl.builds == 1
+    model = small_schnet()
+    z = torch.tensor([6, 6, 8, 1, 1, 1])
+    ff_nl, ff_all = ModelForceField(model, z, neighbor_skin=0.6), ModelForceField(model, z)
+    ff_nl(small)
+    assert ff_nl.neighbors.complete
+    assert torch.allclose(ff_nl(moved)[1], ff_all(moved)[1], atol=1e-6)
+    assert ff_nl.neighbors.builds == 1
+    wide = torch.randn(2, 10, 3, generator=g, dtype=torch.float64) * 3.0
+    nl2 = VerletList(3.0, skin=0.6)
+    nl2.update(wide)
+    assert not nl2.complete
+    assert nl2.update(wide + torch.tensor([0.4, 0.0, 0.0], dtype=wide.dtype) * torch.arange(10).reshape(1, 10, 1))

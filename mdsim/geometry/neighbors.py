@@ -177,6 +177,10 @@ class VerletList:
         self.ref_cell: Optional[Tensor] = None
         self.n_pairs = 0
         self.builds = 0
+        #: molecules only: the list holds every pair of every replica, so no pair can be missing
+        #: however far atoms move (small molecules: all pairs within cutoff + skin) and
+        #: the displacement check (a host synchronisation per step) is skipped
+        self.complete = False
 
     @property
     def capacity(self) -> int:
@@ -192,6 +196,8 @@ class VerletList:
             return True
         if cell is not None and not torch.equal(cell.detach(), self.ref_cell):
             return True
+        if self.complete:
+            return False
         disp = (positions.detach() - self.ref_positions.to(positions.dtype)).norm(dim=-1).max()
         return bool(disp > 0.5 * self.skin - margin)
 
@@ -238,6 +244,7 @@ class VerletList:
         self.ref_positions = pos.clone()
         self.ref_cell = None if cell is None else cell.detach().clone()
         self.n_pairs = n
+        self.complete = cell is None and n == R * (N * (N - 1) // 2)
         self.builds += 1
 
     # ------------------------------------------------------------------ device side
