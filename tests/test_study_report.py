@@ -139,7 +139,7 @@ def test_pretrain_summary_and_baseline_table_and_timings_outlive_out(tmp_path, c
     log.write_text("resuming from x at epoch 36\n{\n \"epochs\": 3, \"stopped\": \"wall_time\"\n}\n"
                    "resuming from x at epoch 348\nwarning: something { odd\n"
                    "{\n  \"run_dir\": \"r\",\n  \"epochs\": 612,\n  \"stopped\": \"min_lr\",\n"
-                   "  \"best_val\": {\"forces_mae\": 0.0701}\n}\n")
+                   "  \"best_val\": {\n    \"forces_mae\": 0.0701\n  }\n}\n")
     test = tmp_path / "test.json"
     test.write_text('{\n  "energy_mae": 0.029,\n  "forces_mae": 0.0684\n}\n')
     npz = tmp_path / "data.npz"

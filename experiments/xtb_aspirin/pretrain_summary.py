@@ -25,11 +25,11 @@ def last_json(text: str) -> dict:
     for start in range(len(lines) - 1, -1, -1):
         if lines[start].strip() == "{":
             for end in range(start, len(lines)):
-                if lines[end].strip() == "}":
+                if lines[end].strip() == "}":  # nested objects close with an indented "}": try on
                     try:
                         return json.loads("\n".join(lines[start:end + 1]))
                     except json.JSONDecodeError:
-                        break
+                        continue
     raise ValueError("no JSON object found")
 
 
