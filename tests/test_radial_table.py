@@ -198,3 +198,23 @@ def test_published_checkpoint_forces_with_table():
     err_net = (f32.double() - f64).abs().max().item()
     err_tab = (ft.double() - f64).abs().max().item()
     assert err_tab < max(4 * err_net, 1e-5), (err_tab, err_net)
+
+
+def test_the_key_reaches_the_md_force_fields():
+    """Simulator (simulator.py) and the StABlE/evaluation context take radial_table_spacing;
+    null evaluates the network; StableConfig validates the range."""
+    from mdsim.config import ConfigError, StableConfig, load_config
+    from mdsim.md.runner import Simulator
+    from mdsim.md.system import System
+
+    model = schnet(6)
+    z = torch.tensor([6, 1, 8, 1])
+    sysm = System(atomic_numbers=z, masses=torch.tensor([12.0, 1.0, 16.0, 1.0]), bonds=torch.tensor([[0, 1]]),
+                  ref_bond_lengths=torch.ones(1))
+    assert Simulator(model, sysm).force_field.radial_table_spacing == 0.005
+    assert Simulator(model, sysm, radial_table_spacing=None).force_field.radial_table_spacing is None
+    assert StableConfig().radial_table_spacing == 0.005
+    with pytest.raises(ConfigError, match="radial_table_spacing"):
+        load_config(StableConfig, None, [("radial_table_spacing", -1.0)])
+    with pytest.raises(ValueError, match="radial_table_spacing"):
+        ModelForceField(model, z, radial_table_spacing=0.0)
