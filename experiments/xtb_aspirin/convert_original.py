@@ -25,8 +25,10 @@ from mdsim.models.checkpoint import load_model, save_checkpoint
 def export(src: str, dest: str, max_bytes=None) -> None:
     model, ck = load_model(src)
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(dest, model, {"converted_from": str(src), "epoch": ck.get("epoch"),
-                                  "val_metrics": ck.get("val_metrics")})
+    extra = {"converted_from": str(src), "epoch": ck.get("epoch"), "val_metrics": ck.get("val_metrics")}
+    if isinstance(ck.get("config"), dict):  # the training config (small): StABlE records it
+        extra["config"] = ck["config"]
+    save_checkpoint(dest, model, extra)
     size = os.path.getsize(dest)
     if max_bytes is not None and size > max_bytes:
         raise SystemExit(f"{dest}: {size} bytes, more than --max-bytes {max_bytes}")

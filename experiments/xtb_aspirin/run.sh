@@ -133,6 +133,28 @@ restore() {  # restore NAME DEST_DIR
 }
 restore qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints"
 
+# ---- stages finished on another machine: their committed small outputs mark them done here
+# (final checkpoints in checkpoints/, horizons and evaluation results in results/)
+restore_done() {  # restore_done STAGE FILE
+    if [ -f "$2" ] && [ ! -f "$OUT/done/$1" ]; then
+        touch "$OUT/done/$1" && echo "[$(date +%T)] $1: finished before (committed $2)"
+    fi
+}
+for m in qm_1k stable_1k qm_10k; do restore_done "$m" "$CKPT/$m.pt"; done
+for T in 500 700; do
+    restore_done "pilot_${T}K" "$DEST/results/horizon_${T}K.txt"
+    [ -f "$DEST/results/horizon_${T}K.txt" ] && [ ! -f "$OUT/horizon_${T}K.txt" ] && \
+        cp "$DEST/results/horizon_${T}K.txt" "$OUT/horizon_${T}K.txt"
+    for m in qm_1k stable_1k qm_10k original_qm_1k original_stable_1k; do
+        restore_done "eval_${m}_${T}K" "$DEST/results/evals/${m}_${T}K/final_metrics.json"
+    done
+done
+# StABlE starts from QM(1k)'s best checkpoint under model_dir: the committed copy serves on a fresh clone
+PRE_1K=$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt
+if [ ! -f "$PRE_1K" ] && [ -f "$CKPT/qm_1k.pt" ]; then
+    mkdir -p "$(dirname "$PRE_1K")" && cp "$CKPT/qm_1k.pt" "$PRE_1K"
+fi
+
 # ---- QM pretraining (resumes from checkpoint.pt when rerun)
 stage qm_1k python pretraining.py --mode train --config-yml "$CFG/qm_1k.yml" "${PRE_PATHS[@]}" "${PRE_Q[@]}"
 [ -f "$CKPT/qm_1k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt" qm_1k
@@ -184,6 +206,7 @@ for T in 500 700; do
             --min "$HORIZON_MIN" --factor "$HORIZON_FACTOR" --max "$HORIZON_MAX" --epoch-ps "$EPOCH_PS" \
             > "$OUT/horizon_${T}K.txt"
     fi
+    cp "$OUT/horizon_${T}K.txt" "$DEST/results/horizon_${T}K.txt"  # kept in git
     echo "horizon at $T K: $(cat "$OUT/horizon_${T}K.txt") ps"
 done
 
