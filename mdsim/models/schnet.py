@@ -129,23 +129,20 @@ class SchNetModel(PotentialModel):
         ref = params[0]
         sig = (float(spacing), float(self.cutoff), ref.dtype, str(ref.device),
                tuple((t.data_ptr(), t._version) for t in params))
-        table = self._radial_table
-        if table is None or table.cutoff != float(self.cutoff) or self._radial_table_signature is None \
-                or self._radial_table_signature[0] != float(spacing):
-            table = RadialTable(self.cutoff, spacing, zero_at_cutoff=True)
-        if table is not self._radial_table or sig != self._radial_table_signature:
+        if sig != self._radial_table_signature:
+            old = self._radial_table_signature
+            table = self._radial_table
+            if table is None or old is None or old[:2] != sig[:2]:  # new spacing or cutoff: new grid
+                table = RadialTable(self.cutoff, spacing, zero_at_cutoff=True)
             with torch.no_grad():
                 p64 = {key: t.detach().to(torch.float64) for key, t in self._filter_parameters().items()}
-                k = len(self.interactions)
 
                 def fn(d: Tensor) -> Tensor:  # (P,) → (P, K·F), float64
-                    w = self._filter_network(d, p64)
-                    return w.transpose(0, 1).reshape(d.shape[0], -1)
+                    return self._filter_network(d, p64).transpose(0, 1).reshape(d.shape[0], -1)
 
-                table.build(fn, ref.dtype, ref.device)
-                assert table.coeffs.shape[-1] % k == 0
+                table.build(fn, ref.dtype, ref.device)  # same grid: written in place
             self._radial_table, self._radial_table_signature = table, sig
-        return table
+        return self._radial_table
 
     def _filter_parameters_raw(self):
         mods = [m for blk in self.interactions for m in (blk.conv.nn[0], blk.conv.nn[2])]
