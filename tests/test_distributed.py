@@ -110,6 +110,11 @@ def two_process_runs(xtb_data_root, tiny_pretrained, tmp_path_factory):
          "overrides": stable_overrides(xtb_data_root, model_dir, out / "noisy", NOISY + ["n_epochs=2"])},
         {"kind": "evaluate", "config": SIM_YML,
          "overrides": stable_overrides(xtb_data_root, model_dir, out / "eval", EVAL)},
+        # the same evaluation stopped after one epoch, then resumed to two
+        {"kind": "evaluate", "config": SIM_YML,
+         "overrides": stable_overrides(xtb_data_root, model_dir, out / "eval_resumed", EVAL + ["n_epochs=1"])},
+        {"kind": "evaluate", "config": SIM_YML,
+         "overrides": stable_overrides(xtb_data_root, model_dir, out / "eval_resumed", EVAL)},
     ]
     for j in jobs:
         j["overrides"] = [str(o) for o in j["overrides"]]
@@ -333,3 +338,9 @@ def test_sharded_evaluation_matches_single_process(two_process_runs, xtb_data_ro
     assert ta.shape == tb.shape and ta.shape[0] == 5
     np.testing.assert_allclose(tb, ta, atol=1e-4)
     np.testing.assert_array_equal(np.load(b / "replicas_stable_time.npy"), np.load(a / "replicas_stable_time.npy"))
+    # resumed under torchrun after one epoch: the same as the uninterrupted two-process run
+    c = stable_folder(two_process_runs / "eval_resumed") / "inference" / "pre"
+    mc = json.loads((c / "final_metrics.json").read_text())
+    assert mc == mb
+    for f in ("full_traj.npy", "replicas_stable_time.npy", "final_rdfs.npy"):
+        np.testing.assert_array_equal(np.load(c / f), np.load(b / f), err_msg=f)

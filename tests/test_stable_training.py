@@ -143,3 +143,38 @@ def test_eval_model_flag_on_training_config_evaluates(xtb_data_root, tiny_pretra
     m = json.loads(metrics.read_text())
     assert m["eval_model"] == "post" and m["checkpoint"] == str(folder / "ckpt.pt")
     assert (folder / "resume.pt").read_bytes() == before  # no training happened
+
+
+def test_evaluation_resumes_and_extends(xtb_data_root, tiny_pretrained, tmp_path):
+    """An evaluation stopped after 2 epochs and rerun with n_epochs=4 gives exactly the result
+    of an uninterrupted 4-epoch run (stochastic Langevin: the noise generator is restored); other
+    settings, other parameters or a shorter horizon are refused."""
+    model_dir, _ = tiny_pretrained
+
+    def ecfg(log_dir, extra=()):
+        return stable_cfg(xtb_data_root, model_dir, log_dir, ["train=false", "eval_model=pre", "integrator=Langevin",
+                                                              "bond_dev_tol=0.5"] + list(extra))
+    a = run_evaluation(ecfg(tmp_path / "a", ["n_epochs=4"]), **QUIET)
+    b = run_evaluation(ecfg(tmp_path / "b", ["n_epochs=2"]), **QUIET)
+    part = json.loads((b / "final_metrics.json").read_text())
+    assert part["epochs"] == 2 and (b / "eval_resume.pt").exists()
+    b = run_evaluation(ecfg(tmp_path / "b", ["n_epochs=4"]), **QUIET)
+    ma, mb = (json.loads((x / "final_metrics.json").read_text()) for x in (a, b))
+    assert ma["epochs"] == mb["epochs"] == 4
+    assert {k: v for k, v in ma.items()} == {k: v for k, v in mb.items()}
+    for f in ("full_traj.npy", "replicas_stable_time.npy", "final_rdfs.npy", "final_adfs.npy", "final_vacfs.npy"):
+        np.testing.assert_array_equal(np.load(a / f), np.load(b / f), err_msg=f)
+    # the trajectory really moved on after the resume (not a copy of the first two epochs)
+    traj = np.load(b / "full_traj.npy")
+    assert traj.shape[1] == 4 * 40 // 10 and not np.allclose(traj[:, -1], traj[:, 7])
+
+    with pytest.raises(SetupError, match="other settings"):
+        run_evaluation(ecfg(tmp_path / "b", ["n_epochs=4", "temperature=350"]), **QUIET)
+    with pytest.raises(SetupError, match="shorter than the 4 epochs"):
+        run_evaluation(ecfg(tmp_path / "b", ["n_epochs=3"]), **QUIET)
+    d = torch.load(b / "eval_resume.pt", weights_only=False)
+    k = next(iter(d["model"]))
+    d["model"][k] = d["model"][k] + 1
+    torch.save(d, b / "eval_resume.pt")
+    with pytest.raises(SetupError, match="other model parameters"):
+        run_evaluation(ecfg(tmp_path / "b", ["n_epochs=5"]), **QUIET)

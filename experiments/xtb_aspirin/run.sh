@@ -23,7 +23,7 @@
 #   500 and 700 K, same starts and noise for all) → qm_10k (configs/qm_10k.yml) → eval_qm_10k_<T>K
 #   → report.
 # Interrupted? Rerun the same command: pretraining and StABlE training resume from their last
-# epoch; an evaluation has no resume and reruns whole (minutes to hours, see README.md).
+# epoch, an evaluation from its last 1 ps epoch (eval_resume.pt).
 # Horizon (ps) at T: HORIZON_<T>K if set, else max(HORIZON_MIN, HORIZON_FACTOR x the pilot's
 # Kaplan–Meier median) in whole evaluation epochs (1 ps), capped at HORIZON_MAX; stored in
 # out/horizon_<T>K.txt and reused. The evaluation runs themselves are never used to choose it.
@@ -211,35 +211,46 @@ for T in 500 700; do
 done
 
 # ---- evaluations: every model at both temperatures, identical protocol, starts and noise
-evaluate() {  # evaluate MODEL: both temperatures, small outputs copied to results/evals/ (tracked)
-    local M=$1 T H dst src f
-    for T in 500 700; do
-        H=$(cat "$OUT/horizon_${T}K.txt")
-        stage "eval_${M}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$(epochs "$H")" \
-            --set "exp_name=${M}_${T}K" --set "pretrained_checkpoint=$(ckpt_of "$M")"
-        dst=$DEST/results/evals/${M}_${T}K
-        if [ ! -f "$dst/final_metrics.json" ]; then
-            src=$(ls -d "$OUT"/evals/schnet_aspirin_${M}_${T}K_*/inference/pre | head -n 1)
-            mkdir -p "$dst"
-            for f in final_metrics.json replicas_stable_time.npy replicas_stable.npy simulate_config.yml \
-                     final_rdf_maes.npy final_adf_maes.npy final_vacf_maes.npy final_rdfs.npy final_adfs.npy \
-                     final_vacfs.npy gt_rdf.npy gt_adf.npy gt_vacf.npy; do
-                [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
-            done
-        fi
-        report
-    done
+# unfinished evaluations saved by save_progress.sh (eval_resume.pt) continue where they stopped
+for src in "$E"/resume/eval_* "$E"/resume/pilot_*; do
+    [ "$QUICK" = 0 ] && [ -f "$src/.folder" ] || continue
+    name=$(basename "$src") dst="$OUT/evals/$(cat "$src/.folder")/inference/pre"
+    if [ ! -f "$OUT/done/$name" ] && [ ! -e "$dst/eval_resume.pt" ]; then
+        mkdir -p "$dst" && cp -p "$src/eval_resume.pt" "$dst/" && echo "[$(date +%T)] restored $name from $src"
+    fi
+done
+evaluate() {  # evaluate MODEL T: small outputs copied to results/evals/ (tracked)
+    local M=$1 T=$2 H dst src f
+    H=$(cat "$OUT/horizon_${T}K.txt")
+    stage "eval_${M}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$(epochs "$H")" \
+        --set "exp_name=${M}_${T}K" --set "pretrained_checkpoint=$(ckpt_of "$M")"
+    dst=$DEST/results/evals/${M}_${T}K
+    if [ ! -f "$dst/final_metrics.json" ]; then
+        src=$(ls -d "$OUT"/evals/schnet_aspirin_${M}_${T}K_*/inference/pre | head -n 1)
+        mkdir -p "$dst"
+        for f in final_metrics.json replicas_stable_time.npy replicas_stable.npy simulate_config.yml \
+                 final_rdf_maes.npy final_adf_maes.npy final_vacf_maes.npy final_rdfs.npy final_adfs.npy \
+                 final_vacfs.npy gt_rdf.npy gt_adf.npy gt_vacf.npy; do
+            [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
+        done
+    fi
+    report
 }
-# the headline comparison first (QM(1k), StABlE(1k), the original's pair), then the QM(10k) baseline,
-# whose pretraining alone takes hours (a session that stops early has the main result)
-for M in "${MODELS[@]}"; do evaluate "$M"; done
+# the temperature with the shorter horizon first; the headline pair (QM(1k), StABlE(1k)) at both
+# temperatures, then the original's pair, then the QM(10k) baseline, whose pretraining alone takes
+# hours (a session that stops early has the main result)
+TEMPS=($(for T in 500 700; do echo "$(cat "$OUT/horizon_${T}K.txt") $T"; done | sort -n -k1,1 -k2,2 | cut -d' ' -f2))
+for T in "${TEMPS[@]}"; do for M in qm_1k stable_1k; do evaluate "$M" "$T"; done; done
+for M in "${MODELS[@]}"; do
+    case $M in original_*) for T in "${TEMPS[@]}"; do evaluate "$M" "$T"; done ;; esac
+done
 
 # ---- QM(10k): the "more data" baseline
 if [ $SKIP10K = 0 ]; then
     stage qm_10k python pretraining.py --mode train --config-yml "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
     [ -f "$CKPT/qm_10k.pt" ] || export_ckpt "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints/best_checkpoint.pt" qm_10k
     pretrain_summary qm_10k 10k "$CFG/qm_10k.yml" "${PRE_PATHS[@]}" "${PRE10_Q[@]}"
-    evaluate qm_10k
+    for T in "${TEMPS[@]}"; do evaluate qm_10k "$T"; done
 fi
 
 printf 'total\t%s\t%s\n' "$SECONDS" "$(date -Is)" >> "$TIMES"

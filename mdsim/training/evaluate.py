@@ -10,6 +10,12 @@ Under ``torchrun`` the replicas are sharded over the ranks (initial velocities a
 noise drawn for all replicas, each rank keeping its own, as in training); the stopping rule
 uses the global unstable fraction, and the per-replica results are gathered on rank 0, which
 computes the metrics and writes everything (docs/distributed.md).
+
+Long evaluations resume: after every epoch rank 0 writes ``eval_resume.pt`` (atomically) into
+the output folder with everything the loop holds (MD state, the noise generator, stability
+flags, observable sums, trajectory so far).  Rerunning the same command continues from the
+last finished epoch with the same result as an uninterrupted run; a larger ``n_epochs``
+extends a finished evaluation (a longer horizon); other settings or another model are refused.
 """
 from __future__ import annotations
 
@@ -30,12 +36,37 @@ from mdsim.units import KCAL_MOL
 from . import distributed, setup
 from .io import write_json, write_yaml
 from .pretrain import evaluate as ef_errors
+from .resume import state_from_dict, state_to_dict
 from .context import EF_TEST_FRAMES, Shard, initial_shard, md_integrator, prepare, quiet
 
 
 def _mean_std(x: np.ndarray):
     x = x[np.isfinite(x)]
     return (float(x.mean()), float(x.std())) if x.size else (float("nan"), float("nan"))
+
+
+EVAL_RESUME = "eval_resume.pt"
+EVAL_RESUME_VERSION = 1
+
+
+def _load_progress(path: Path, cfg: StableConfig, model: torch.nn.Module) -> Optional[dict]:
+    """The saved progress of this evaluation, or None; refuses one of other settings or parameters."""
+    if not path.exists():
+        return None
+    from .resume import check_resumable
+    d = torch.load(path, map_location="cpu", weights_only=False)
+    if d.get("version") != EVAL_RESUME_VERSION:
+        raise setup.SetupError(f"{path}: format version {d.get('version')} is not supported "
+                               f"(this code reads version {EVAL_RESUME_VERSION}); delete it to start over")
+    check_resumable(d["config"], to_dict(cfg), to_dict(StableConfig()), path)
+    own = model.state_dict()
+    if set(own) != set(d["model"]) or any(not torch.equal(own[k].cpu(), d["model"][k]) for k in own):
+        raise setup.SetupError(f"{path} was written for other model parameters than {cfg.pretrained_checkpoint or cfg.eval_model}; "
+                               "delete it (or use another exp_name) to evaluate this model")
+    if d["epochs"] > cfg.n_epochs:
+        raise setup.SetupError(f"n_epochs: {cfg.n_epochs} is shorter than the {d['epochs']} epochs {path} has "
+                               "already run; give n_epochs >= that or delete the file")
+    return d
 
 
 def run_evaluation(cfg: StableConfig, log=print) -> Path:
@@ -69,10 +100,47 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     adf_sum = torch.zeros(Rl, refs.adf.numel(), dtype=torch.float64)
     nfr = torch.zeros(Rl, dtype=torch.float64)
     vacfs = []  # per epoch (R, W), NaN where the replica was unstable
-    full_traj = []
+    full_traj = []  # chunks (frames, R, N, 3)
     total_steps = 0
     epochs_run = 0
-    for epoch in tqdm(range(cfg.n_epochs), desc=f"eval {cfg.eval_model}", disable=not (cfg.progress and main)):
+    stopped = False
+    resume_path = out / EVAL_RESUME
+    saved = _load_progress(resume_path, cfg, ctx.model)  # every rank reads it
+    if saved is not None:
+        lo, hi = shard.lo, shard.hi
+        state = shard.local(state_from_dict(saved["state"], ctx.device)).clone()
+        gen.set_state(saved["gen"])
+        tracker.first_unstable_step = saved["first_unstable_step"][lo:hi].to(ctx.device).clone()
+        tracker.worst_value = saved["worst_value"][lo:hi].to(ctx.device).clone()
+        rdf_sum, adf_sum, nfr = (saved[k][lo:hi].clone() for k in ("rdf_sum", "adf_sum", "nfr"))
+        vacfs = list(saved["vacfs"][lo:hi].unbind(1)) if saved["vacfs"] is not None else []
+        full_traj = [saved["traj"][lo:hi].numpy().transpose(1, 0, 2, 3)]
+        total_steps, epochs_run, stopped = saved["total_steps"], saved["epochs"], saved["stopped"]
+        log(f"resuming the evaluation from {resume_path} after {epochs_run} epochs")
+        del saved
+
+    def save_progress() -> None:  # collective under torchrun; rank 0 writes
+        g_state = distributed.gather_state(comm, state, sizes)
+        parts = [comm.gather_cat(t, sizes) for t in (tracker.first_unstable_step, tracker.worst_value,
+                                                     rdf_sum, adf_sum, nfr)]
+        v = comm.gather_cat(torch.stack(vacfs, 1), sizes) if vacfs else None
+        tr = comm.gather_cat(torch.from_numpy(np.concatenate(full_traj, 0).transpose(1, 0, 2, 3).copy()), sizes)
+        if not main:
+            return
+        from mdsim.atomic import atomic_torch_save
+        atomic_torch_save({
+            "version": EVAL_RESUME_VERSION, "config": to_dict(cfg),
+            "model": {k: t.detach().cpu() for k, t in ctx.model.state_dict().items()},
+            "state": state_to_dict(g_state), "gen": gen.get_state(),
+            **dict(zip(("first_unstable_step", "worst_value", "rdf_sum", "adf_sum", "nfr"),
+                       (t.cpu() for t in parts))),
+            "vacfs": v, "traj": tr, "total_steps": total_steps, "epochs": epochs_run, "stopped": stopped,
+            "world_size": comm.world_size}, resume_path)
+
+    for epoch in tqdm(range(epochs_run, cfg.n_epochs), desc=f"eval {cfg.eval_model}", initial=epochs_run,
+                      total=cfg.n_epochs, disable=not (cfg.progress and main)):
+        if stopped:
+            break
         state, rec = simulate(integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
                               oset.vacf_stride, md_gen, backend=cfg.md_backend,
                               planned_steps=cfg.steps * cfg.n_epochs)
@@ -100,7 +168,11 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             vacfs.append(v)
         full_traj.append(pos.numpy().astype(np.float32))
         (n_unstable,) = comm.sum_floats(float((~tracker.stable).sum()))
-        if n_unstable / R >= cfg.max_frac_unstable_threshold:
+        stopped = n_unstable / R >= cfg.max_frac_unstable_threshold
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        save_progress()
+        if stopped:
             log(f"epoch {epoch + 1}: {n_unstable / R:.0%} unstable, stopping")
             break
 
