@@ -88,10 +88,13 @@ class SchNetModel(PotentialModel):
             return table(dist).reshape(-1, k, f).transpose(0, 1)
         return self._filter_network(dist, self._filter_parameters())
 
+    def _filter_layers(self):
+        """(first, second): the two linear layers of every block's filter network."""
+        return ([blk.conv.nn[0] for blk in self.interactions], [blk.conv.nn[2] for blk in self.interactions])
+
     def _filter_parameters(self) -> Dict[str, Tensor]:
         """The tensors the filters depend on, stacked over the interaction blocks."""
-        first = [blk.conv.nn[0] for blk in self.interactions]
-        second = [blk.conv.nn[2] for blk in self.interactions]
+        first, second = self._filter_layers()
         return dict(a=torch.cat([m.weight for m in first], dim=0),  # (K·F, G)
                     b=torch.cat([m.bias for m in first], dim=0),
                     w2=torch.stack([m.weight.t() for m in second]),  # (K, F, F')
@@ -145,8 +148,9 @@ class SchNetModel(PotentialModel):
         return self._radial_table
 
     def _filter_parameters_raw(self):
-        mods = [m for blk in self.interactions for m in (blk.conv.nn[0], blk.conv.nn[2])]
-        return [t for m in mods for t in (m.weight, m.bias)] + [self.distance_expansion.offset]
+        """The unstacked tensors of :meth:`_filter_parameters` (their storage and versions sign the table)."""
+        first, second = self._filter_layers()
+        return [t for m in first + second for t in (m.weight, m.bias)] + [self.distance_expansion.offset]
 
 
 def _no_graph(pos, batch):  # pragma: no cover - never called, our forward builds graphs
