@@ -193,11 +193,15 @@ EVAL=("${ST[@]}" --config-yml "$CFG/eval.yml" "${ST_PATHS[@]}" "${EVAL_Q[@]}")
 
 # ---- pilot of QM(1k) per temperature (other seed, other start frames, fewer replicas) → horizon
 PILOT_FRAME_OFFSET=${PILOT_FRAME_OFFSET:-1000}  # the evaluations start from test frames 0..63
+# compiled steps for the full-size pilots: 8 replicas per process x 20 ps is below md_backend auto's
+# compile threshold, but eager took ~60 s per 1 ps epoch there (measured 2026-12-02) against a
+# ~30 s one-off compile saving ~16 ms per step (BENCHMARKS.md, R = 8)
+PILOT_BACKEND=(); [ "$QUICK" = 0 ] && PILOT_BACKEND=(--set md_backend=compile)
 for T in 500 700; do
     stage "pilot_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "exp_name=pilot_qm_1k_${T}K" \
         --set "pretrained_checkpoint=$(ckpt_of qm_1k)" --set "seed=$PILOT_SEED" \
         --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$PILOT_PS")" \
-        --set "init_frame_offset=$PILOT_FRAME_OFFSET"
+        --set "init_frame_offset=$PILOT_FRAME_OFFSET" "${PILOT_BACKEND[@]}"
     var=HORIZON_${T}K
     if [ -n "${!var:-}" ]; then
         echo "${!var}" > "$OUT/horizon_${T}K.txt"
