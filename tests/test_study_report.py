@@ -128,6 +128,12 @@ def test_horizon_rule(tmp_path):
     # median not reached within the pilot (4 of 6 stable at 20 ps): the pilot length stands in
     d2 = fake_eval(tmp_path / "b", "pilot_qm_1k_700K", [1.0, 2.0, 20, 20, 20, 20], 4, 20, rng)
     assert horizon.horizon(d2, 20, 3, 100) == 60
+    # run.sh then extends that pilot to ceil(100 / 3) = 34 ps; a pilot whose median is reached,
+    # or that already ran that long, needs nothing more
+    assert horizon.pilot_length(d2, 34) == 34
+    assert horizon.pilot_length(d, 34) == 12  # median reached; it stopped at 12 ps (all unstable)
+    d3 = fake_eval(tmp_path / "c", "pilot_qm_1k_500K", [1.0, 2.0, 34, 34, 34, 34], 4, 34, rng)
+    assert horizon.pilot_length(d3, 34) == 34 and horizon.horizon(d3, 20, 3, 100) == 100
 
 
 def test_pretrain_summary_and_baseline_table_and_timings_outlive_out(tmp_path, capsys):

@@ -197,11 +197,25 @@ PILOT_FRAME_OFFSET=${PILOT_FRAME_OFFSET:-1000}  # the evaluations start from tes
 # compile threshold, but eager took ~60 s per 1 ps epoch there (measured 2026-12-02) against a
 # ~30 s one-off compile saving ~16 ms per step (BENCHMARKS.md, R = 8)
 PILOT_BACKEND=(); [ "$QUICK" = 0 ] && PILOT_BACKEND=(--set md_backend=compile)
+# a pilot whose median is not reached within PILOT_PS is extended (it resumes) to PILOT_MAX_PS =
+# ceil(HORIZON_MAX / HORIZON_FACTOR): then the horizon is HORIZON_FACTOR x a measured median, or the cap
+PILOT_MAX_PS=${PILOT_MAX_PS:-$(python -c "import math; print(max($PILOT_PS, math.ceil($HORIZON_MAX / $HORIZON_FACTOR - 1e-9)))")}
+pilot() {  # pilot T
+    local T=$1 ps=$PILOT_PS need
+    while :; do
+        "${EVAL[@]}" --set "temperature=$T" --set "exp_name=pilot_qm_1k_${T}K" \
+            --set "pretrained_checkpoint=$(ckpt_of qm_1k)" --set "seed=$PILOT_SEED" \
+            --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$ps")" \
+            --set "init_frame_offset=$PILOT_FRAME_OFFSET" "${PILOT_BACKEND[@]}" || return 1
+        need=$(python "$E/horizon.py" "$(ls -d "$OUT"/evals/schnet_aspirin_pilot_qm_1k_${T}K_*/inference/pre | head -n 1)" \
+            --pilot-length "$PILOT_MAX_PS") || return 1
+        awk -v a="$need" -v b="$ps" 'BEGIN { exit !(a > b + 1e-9) }' || return 0
+        echo "pilot at $T K: median not reached within $ps ps; extending it to $need ps"
+        ps=$need
+    done
+}
 for T in 500 700; do
-    stage "pilot_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "exp_name=pilot_qm_1k_${T}K" \
-        --set "pretrained_checkpoint=$(ckpt_of qm_1k)" --set "seed=$PILOT_SEED" \
-        --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$PILOT_PS")" \
-        --set "init_frame_offset=$PILOT_FRAME_OFFSET" "${PILOT_BACKEND[@]}"
+    stage "pilot_${T}K" pilot "$T"
     var=HORIZON_${T}K
     if [ -n "${!var:-}" ]; then
         echo "${!var}" > "$OUT/horizon_${T}K.txt"
