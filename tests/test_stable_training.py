@@ -168,6 +168,20 @@ def test_evaluation_resumes_and_extends(xtb_data_root, tiny_pretrained, tmp_path
     traj = np.load(b / "full_traj.npy")
     assert traj.shape[1] == 4 * 40 // 10 and not np.allclose(traj[:, -1], traj[:, 7])
 
+    # a slimmed copy (no trajectory; what the study keeps in git) resumes to the same metrics;
+    # full_traj.npy has NaN for the frames before the resume
+    from mdsim.training.evaluate import slim_progress
+    c = run_evaluation(ecfg(tmp_path / "c", ["n_epochs=2"]), **QUIET)
+    slim_progress(c / "eval_resume.pt", c / "eval_resume.pt")
+    assert torch.load(c / "eval_resume.pt", weights_only=False)["traj"] is None
+    c = run_evaluation(ecfg(tmp_path / "c", ["n_epochs=4"]), **QUIET)
+    assert json.loads((c / "final_metrics.json").read_text()) == ma
+    for f in ("replicas_stable_time.npy", "final_rdfs.npy", "final_adfs.npy", "final_vacfs.npy"):
+        np.testing.assert_array_equal(np.load(a / f), np.load(c / f), err_msg=f)
+    tc = np.load(c / "full_traj.npy")
+    assert tc.shape == traj.shape and np.isnan(tc[:, :8]).all()
+    np.testing.assert_array_equal(tc[:, 8:], traj[:, 8:])
+
     with pytest.raises(SetupError, match="other settings"):
         run_evaluation(ecfg(tmp_path / "b", ["n_epochs=4", "temperature=350"]), **QUIET)
     with pytest.raises(SetupError, match="shorter than the 4 epochs"):

@@ -26,15 +26,17 @@ save qm_10k "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints" checkpoint.pt be
 # configs and the tensorboard logs (training curves); not the per-epoch checkpoints
 ST=$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* 2>/dev/null | head -n 1 || true)
 [ -n "$ST" ] && save stable_1k "$ST" resume.pt ckpt.pt stable_training_config.yml pretraining_config.yml logs
-# evaluations and pilots: eval_resume.pt (MD state, flags, sums, trajectory so far; a few MB
-# per 10 ps of 64 replicas); .folder names the run folder under out/evals/
+# evaluations and pilots: eval_resume.pt without the trajectory so far (MD state, flags, sums:
+# a few MB; the resumed run's full_traj.npy has NaN before the resume, its metrics are the
+# same); .folder names the run folder under out/evals/
 for d in "$OUT"/evals/schnet_aspirin_*/inference/pre; do
     [ -f "$d/eval_resume.pt" ] || continue
     run=$(basename "$(dirname "$(dirname "$d")")")
     exp=${run#schnet_aspirin_}; exp=${exp%%_lr=*}
     case $exp in pilot_qm_1k_*) name=pilot_${exp#pilot_qm_1k_} ;; *) name=eval_$exp ;; esac
     if [ -f "$OUT/done/$name" ]; then rm -rf "$E/resume/$name"; continue; fi
-    mkdir -p "$E/resume/$name" && cp -p "$d/eval_resume.pt" "$E/resume/$name/"
+    mkdir -p "$E/resume/$name" && python -c "import sys; from mdsim.training.evaluate import slim_progress as s; s(*sys.argv[1:])" \
+        "$d/eval_resume.pt" "$E/resume/$name/eval_resume.pt"
     echo "$run" > "$E/resume/$name/.folder"
     echo "saved $name: eval_resume.pt ($(du -h "$d/eval_resume.pt" | cut -f1))"
 done

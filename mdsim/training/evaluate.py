@@ -69,6 +69,18 @@ def _load_progress(path: Path, cfg: StableConfig, model: torch.nn.Module) -> Opt
     return d
 
 
+def slim_progress(src: Path, dst: Path) -> None:
+    """Copy ``eval_resume.pt`` without the trajectory so far (most of its size; used to keep an
+    unfinished evaluation in git).  An evaluation resumed from the copy gives the same metrics and
+    arrays; only ``full_traj.npy`` has NaN for the frames before the resume."""
+    from mdsim.atomic import atomic_torch_save
+    d = torch.load(src, map_location="cpu", weights_only=False)
+    if d.get("traj") is not None:
+        d["traj_shape"] = list(d["traj"].shape)
+        d["traj"] = None
+    atomic_torch_save(d, dst)
+
+
 def run_evaluation(cfg: StableConfig, log=print) -> Path:
     comm = distributed.setup(cfg.device)
     main = comm.is_main
@@ -114,7 +126,11 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         tracker.worst_value = saved["worst_value"][lo:hi].to(ctx.device).clone()
         rdf_sum, adf_sum, nfr = (saved[k][lo:hi].clone() for k in ("rdf_sum", "adf_sum", "nfr"))
         vacfs = list(saved["vacfs"][lo:hi].unbind(1)) if saved["vacfs"] is not None else []
-        full_traj = [saved["traj"][lo:hi].numpy().transpose(1, 0, 2, 3)]
+        if saved["traj"] is not None:
+            full_traj = [saved["traj"][lo:hi].numpy().transpose(1, 0, 2, 3)]
+        else:  # a slimmed copy (slim_progress): the frames before the resume are NaN in full_traj.npy
+            _, F, N, _ = saved["traj_shape"]
+            full_traj = [np.full((F, hi - lo, N, 3), np.nan, dtype=np.float32)]
         total_steps, epochs_run, stopped = saved["total_steps"], saved["epochs"], saved["stopped"]
         log(f"resuming the evaluation from {resume_path} after {epochs_run} epochs")
         del saved
