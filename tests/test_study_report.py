@@ -175,3 +175,19 @@ def test_pretrain_summary_and_baseline_table_and_timings_outlive_out(tmp_path, c
     assert report.main(["--out", str(out), "--dest", str(dest), "--no-figures"]) == 0
     res = json.loads((dest / "results" / "results.json").read_text())
     assert res["timings_s"] == {"qm_1k": 4321, "stable_1k": 99}
+    # a stage finished in two pieces counts both; a rerun of the report counts each piece once
+    (out / "timings.tsv").write_text("stable_1k\t99\t2026-12-03T01:00:00\nstable_1k\t50\t2026-12-03T05:00:00\n")
+    for _ in range(2):
+        assert report.main(["--out", str(out), "--dest", str(dest), "--no-figures"]) == 0
+    res = json.loads((dest / "results" / "results.json").read_text())
+    assert res["timings_s"] == {"qm_1k": 4321, "stable_1k": 149}
+
+
+def test_training_wall_time_skips_interruptions():
+    report = _load("report")
+    wall = [0.0, 40.0, 80.0, 125.0, 5000.0, 5042.0]  # an interruption between epochs 4 and 5
+    sc = {"Fraction of Unstable Replicas": [[1, 2, 3, 4, 5, 6], [0.1] * 6], "_epoch_wall_time": wall,
+          "Learning Rate": [[1, 2, 3, 4, 5, 6], [0, 0, 1e-3, 1e-3, 0, 0]]}
+    t = report.training_summary(sc)
+    assert t["epoch_wall_s_mean"] == pytest.approx((40 + 40 + 45 + 42) / 4)
+    assert t["wall_s_estimate"] == pytest.approx(6 * (40 + 40 + 45 + 42) / 4) and t["learning_epochs"] == 2

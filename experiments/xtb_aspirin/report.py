@@ -244,11 +244,15 @@ def markdown(res: dict) -> str:
         lines.append("")
     tr = res.get("stable_training")
     if tr:
+        fm = tr.get("force_mae_first_last") or [None, None]
+        wall = (f" Wall time ≈ {tr['wall_s_estimate'] / 3600:.2f} h ({tr['epoch_wall_s_mean']:.0f} s per epoch, "
+                "from the log's event times)." if tr.get("wall_s_estimate") else "")
         lines += ["## StABlE training", "", f"Epochs: {tr['epochs']}, learning epochs: {tr['learning_epochs']}, "
-                  f"force MAE first → last: {tr['force_mae_first_last']}, unstable fraction last: "
-                  f"{tr['unstable_fraction_last']}.", ""]
+                  f"test force MAE (eV/Å) first → last: {_f(fm[0])} → {_f(fm[1])}, unstable fraction in the last "
+                  f"epoch: {_f(tr['unstable_fraction_last'])}.{wall}", ""]
     if res.get("timings_s"):
-        lines += ["## Wall time per stage (out/timings.tsv, latest run of each)", "",
+        lines += ["## Wall time per stage (out/timings.tsv: the finished runs of each, summed; a run "
+                  "killed before finishing its stage is not counted, see the StABlE training estimate above)", "",
                   "| stage | s |", "|---|---|"] + [f"| {k} | {v} |" for k, v in res["timings_s"].items()] + [""]
     return "\n".join(lines)
 
@@ -273,11 +277,16 @@ def training_scalars(out: Path, dest: Path):
             ea.Reload()
             sc = {t: [[int(e.step) for e in ea.Scalars(t)], [float(e.value) for e in ea.Scalars(t)]]
                   for t in ea.Tags()["scalars"] if t in TRAIN_TAGS}
+            if "Fraction of Unstable Replicas" in sc:  # one event per epoch: its wall-clock time
+                sc["_epoch_wall_time"] = [e.wall_time for e in ea.Scalars("Fraction of Unstable Replicas")]
             if sc:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(sc) + "\n")
                 return sc
     return json.loads(cache.read_text()) if cache.is_file() else None
+
+
+EPOCH_GAP_S = 600  # longer gaps between two epochs' log events are interruptions
 
 
 def training_summary(sc) -> dict:
@@ -286,9 +295,15 @@ def training_summary(sc) -> dict:
     lr = sc.get("Learning Rate", [[], []])[1]
     fm = sc.get("Force MAE", [[], []])[1]
     uf = sc.get("Fraction of Unstable Replicas", [[], []])
+    wall = sc.get("_epoch_wall_time") or []
+    gaps = [b - a for a, b in zip(wall, wall[1:]) if 0 < b - a < EPOCH_GAP_S]
     return {"epochs": max(uf[0]) if uf[0] else 0, "learning_epochs": int(sum(1 for x in lr if x > 0)),
             "force_mae_first_last": [fm[0], fm[-1]] if fm else None,
-            "unstable_fraction_last": uf[1][-1] if uf[1] else None}
+            "unstable_fraction_last": uf[1][-1] if uf[1] else None,
+            # epochs timed by consecutive log events (an interruption's gap and the first epoch of
+            # each resumed piece are left out); mean × epochs estimates the whole run
+            "epoch_wall_s_mean": (sum(gaps) / len(gaps)) if gaps else None,
+            "wall_s_estimate": (sum(gaps) / len(gaps) * max(uf[0])) if gaps and uf[0] else None}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -422,20 +437,25 @@ def fig_training(sc, fig_dir: Path):
 
 
 def timings(out: Path, dest: Path) -> dict:
-    """Wall time (s) per stage: the latest run of each in out/timings.tsv, merged into
-    ``<dest>/results/timings.json`` (kept in git, so that stages run on other machines stay listed)."""
-    cache = dest / "results" / "timings.json"
-    last = json.loads(cache.read_text()) if cache.is_file() else {}
+    """Wall time (s) per stage, summed over the runs of it that finished a piece (a stage resumed
+    in several sessions is recorded once per finished run; a run killed before finishing records
+    nothing).  Runs are keyed by their finishing time and merged into
+    ``<dest>/results/timings_runs.json`` (kept in git, so that pieces run on other machines count);
+    returns {stage: total seconds}."""
+    cache = dest / "results" / "timings_runs.json"
+    runs = json.loads(cache.read_text()) if cache.is_file() else {}
     p = out / "timings.tsv"
     if p.is_file():
         for line in p.read_text().splitlines():
             parts = line.split("\t")
             if len(parts) == 3 and parts[1].isdigit():
-                last[parts[0]] = int(parts[1])
-    if last:
+                runs.setdefault(parts[0], {})[parts[2]] = int(parts[1])
+    if runs:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(last, indent=1) + "\n")
-    return last
+        cache.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+        (dest / "results" / "timings.json").write_text(
+            json.dumps({k: sum(v.values()) for k, v in runs.items()}, indent=1) + "\n")
+    return {k: sum(v.values()) for k, v in runs.items()}
 
 
 def pretraining(dest: Path) -> dict:
