@@ -34,8 +34,11 @@ from mdsim.md.state import MDState, kinetic_energy, kinetic_temperature
 BACKENDS = ("auto", "eager", "compile", "cuda_graph")
 
 #: ``auto`` compiles on a CPU only when the run plans at least this much work (steps × replicas ×
-#: atoms): compiling a SchNet step takes about a minute on 2 cores and saves a fraction of a
-#: microsecond per atom-step (BENCHMARKS.md), so short runs are faster eager
+#: atoms).  Compiling the 6-block aspirin SchNet step takes 25-60 s and then saves ~50 µs per
+#: atom-step at 8-64 replicas (BENCHMARKS.md, second round), so there it pays from ~6e5
+#: atom-steps; the threshold is kept well above that because smaller models save less per step
+#: (not measured), and long runs are the ones that matter.  Runs between the two are up to ~2x
+#: slower eager: set ``md_backend: compile`` for them (the study's pilots do).
 AUTO_COMPILE_MIN_ATOM_STEPS = 20_000_000
 _AUTO_LOGGED: set = set()
 
