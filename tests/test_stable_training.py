@@ -192,3 +192,29 @@ def test_evaluation_resumes_and_extends(xtb_data_root, tiny_pretrained, tmp_path
     torch.save(d, b / "eval_resume.pt")
     with pytest.raises(SetupError, match="other model parameters"):
         run_evaluation(ecfg(tmp_path / "b", ["n_epochs=5"]), **QUIET)
+
+
+def test_parking_unstable_replicas_leaves_the_metrics_unchanged(xtb_data_root, tiny_pretrained, tmp_path):
+    """park_unstable restarts flagged replicas from their start frames after each epoch: the
+    replicas still stable are simulated exactly as without it (same noise, independent
+    replicas), so stability times and observables are identical; only the unstable replicas'
+    frames after their epoch of instability differ."""
+    model_dir, _ = tiny_pretrained
+    outs = {}
+    for park in ("true", "false"):
+        cfg = stable_cfg(xtb_data_root, model_dir, tmp_path / park,
+                         ["train=false", "eval_model=pre", "integrator=Langevin", "n_epochs=4", "temperature=500",
+                          "n_replicas=6", "bond_dev_tol=0.5", "max_frac_unstable_threshold=1.0",
+                          f"park_unstable={park}"])
+        outs[park] = run_evaluation(cfg, **QUIET)
+    a, b = outs["true"], outs["false"]
+    t = np.load(a / "replicas_stable_time.npy")
+    flagged = ~np.load(a / "replicas_stable.npy")
+    assert 0 < flagged.sum() < t.size, "the test needs some replicas unstable before the last epoch"
+    assert t[flagged].min() < 3 * 40 * 0.5 / 1000, "a replica must go unstable before the last epoch"
+    np.testing.assert_array_equal(t, np.load(b / "replicas_stable_time.npy"))
+    for f in ("final_rdfs.npy", "final_adfs.npy", "final_vacfs.npy"):
+        np.testing.assert_array_equal(np.load(a / f), np.load(b / f), err_msg=f)
+    ta, tb = np.load(a / "full_traj.npy"), np.load(b / "full_traj.npy")
+    np.testing.assert_array_equal(ta[~flagged], tb[~flagged])
+    assert not np.array_equal(ta[flagged], tb[flagged])

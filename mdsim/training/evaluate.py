@@ -2,7 +2,8 @@
 
 ``n_replicas`` replicas start from the first test frames; stability is checked on every frame
 stored every ``n_dump`` steps; a replica's stability time is the time of its first unstable
-frame (frozen afterwards).  Observables are averaged over each replica's stable frames.
+frame (frozen afterwards; with ``park_unstable`` the replica restarts from its start frame at the
+end of that epoch, which only saves the cost of simulating an exploded molecule).  Observables are averaged over each replica's stable frames.
 Writes ``final_metrics.json``, the observables as ``.npy`` and PNG plots to
 ``<run folder>/inference/<eval_model>/``.
 
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mdsim import observables as obs
 from mdsim.config import StableConfig, to_dict
+from mdsim.md.init import replace_replicas
 from mdsim.md.rollout import simulate
 from mdsim.md.stability import StabilityTracker, stability_values
 from mdsim.units import KCAL_MOL
@@ -103,6 +105,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         raise setup.SetupError(f"init_frame_offset: {cfg.init_frame_offset} + n_replicas {R} exceeds the "
                                f"{len(ctx.test.R)} test frames")
     state = initial_shard(ctx, ctx.test.R[cfg.init_frame_offset:], R, gen, shard, "first")
+    start = state.clone()  # where unstable replicas are parked (park_unstable)
     ef = ef_errors(ctx.model, ctx.test, 100, ctx.device, ctx.dtype, max_frames=EF_TEST_FRAMES, comm=comm)
     integrator, md_gen = md_integrator(ctx, comm, shard, gen)
     tracker = StabilityTracker(Rl, cfg.stability_criterion, device=ctx.device)
@@ -183,6 +186,8 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             v[~keep] = float("nan")
             vacfs.append(v)
         full_traj.append(pos.numpy().astype(np.float32))
+        if cfg.park_unstable and not bool(tracker.stable.all()):
+            state = replace_replicas(state, ~tracker.stable, start)
         (n_unstable,) = comm.sum_floats(float((~tracker.stable).sum()))
         stopped = n_unstable / R >= cfg.max_frac_unstable_threshold
         if main:
