@@ -20,19 +20,23 @@ from report import load_eval  # noqa: E402
 from mdsim import stats  # noqa: E402
 
 
+def _median(pilot_dir):
+    """(KM median stability time or None if not reached, simulated ps) of a pilot evaluation."""
+    r = load_eval(Path(pilot_dir))
+    return stats.kaplan_meier(r["times"], r["events"]).median()[0], r["simulated"]
+
+
 def pilot_length(pilot_dir, longest: float) -> float:
     """How long (ps) the pilot must run: what it has run if its KM median is reached (or it ran
     ``longest``), else ``longest`` (the resumable pilot is then extended and asked again)."""
-    r = load_eval(Path(pilot_dir))
-    med = stats.kaplan_meier(r["times"], r["events"]).median()[0]
-    return r["simulated"] if (med is not None or r["simulated"] >= longest - 1e-9) else longest
+    med, simulated = _median(pilot_dir)
+    return simulated if (med is not None or simulated >= longest - 1e-9) else longest
 
 
 def horizon(pilot_dir, lo: float, factor: float, hi: float, epoch_ps: float = 1.0) -> float:
-    r = load_eval(Path(pilot_dir))
-    med = stats.kaplan_meier(r["times"], r["events"]).median()[0]
+    med, simulated = _median(pilot_dir)
     if med is None:
-        med = r["simulated"]
+        med = simulated
         print(f"horizon.py: the pilot's median is not reached within {med:g} ps; using {med:g} ps", file=sys.stderr)
     h = max(lo, factor * med)
     if h > hi:

@@ -453,8 +453,6 @@ def timings(out: Path, dest: Path) -> dict:
     if runs:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
-        (dest / "results" / "timings.json").write_text(
-            json.dumps({k: sum(v.values()) for k, v in runs.items()}, indent=1) + "\n")
     return {k: sum(v.values()) for k, v in runs.items()}
 
 

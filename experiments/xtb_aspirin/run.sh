@@ -200,6 +200,9 @@ PILOT_BACKEND=(); [ "$QUICK" = 0 ] && PILOT_BACKEND=(--set md_backend=compile)
 # a pilot whose median is not reached within PILOT_PS is extended (it resumes) to PILOT_MAX_PS =
 # ceil(HORIZON_MAX / HORIZON_FACTOR): then the horizon is HORIZON_FACTOR x a measured median, or the cap
 PILOT_MAX_PS=${PILOT_MAX_PS:-$(python -c "import math; print(max($PILOT_PS, math.ceil($HORIZON_MAX / $HORIZON_FACTOR - 1e-9)))")}
+eval_out() {  # eval_out EXP_NAME → the evaluation's output folder
+    ls -d "$OUT"/evals/schnet_aspirin_"$1"_*/inference/pre | head -n 1
+}
 pilot() {  # pilot T
     local T=$1 ps=$PILOT_PS need
     while :; do
@@ -207,7 +210,7 @@ pilot() {  # pilot T
             --set "pretrained_checkpoint=$(ckpt_of qm_1k)" --set "seed=$PILOT_SEED" \
             --set "n_replicas=$PILOT_REPLICAS" --set "n_epochs=$(epochs "$ps")" \
             --set "init_frame_offset=$PILOT_FRAME_OFFSET" "${PILOT_BACKEND[@]}" || return 1
-        need=$(python "$E/horizon.py" "$(ls -d "$OUT"/evals/schnet_aspirin_pilot_qm_1k_${T}K_*/inference/pre | head -n 1)" \
+        need=$(python "$E/horizon.py" "$(eval_out "pilot_qm_1k_${T}K")" \
             --pilot-length "$PILOT_MAX_PS") || return 1
         awk -v a="$need" -v b="$ps" 'BEGIN { exit !(a > b + 1e-9) }' || return 0
         echo "pilot at $T K: median not reached within $ps ps; extending it to $need ps"
@@ -220,7 +223,7 @@ for T in 500 700; do
     if [ -n "${!var:-}" ]; then
         echo "${!var}" > "$OUT/horizon_${T}K.txt"
     elif [ ! -f "$OUT/horizon_${T}K.txt" ]; then
-        python "$E/horizon.py" "$(ls -d "$OUT"/evals/schnet_aspirin_pilot_qm_1k_${T}K_*/inference/pre | head -n 1)" \
+        python "$E/horizon.py" "$(eval_out "pilot_qm_1k_${T}K")" \
             --min "$HORIZON_MIN" --factor "$HORIZON_FACTOR" --max "$HORIZON_MAX" --epoch-ps "$EPOCH_PS" \
             > "$OUT/horizon_${T}K.txt"
     fi
@@ -244,7 +247,7 @@ evaluate() {  # evaluate MODEL T: small outputs copied to results/evals/ (tracke
         --set "exp_name=${M}_${T}K" --set "pretrained_checkpoint=$(ckpt_of "$M")"
     dst=$DEST/results/evals/${M}_${T}K
     if [ ! -f "$dst/final_metrics.json" ]; then
-        src=$(ls -d "$OUT"/evals/schnet_aspirin_${M}_${T}K_*/inference/pre | head -n 1)
+        src=$(eval_out "${M}_${T}K")
         mkdir -p "$dst"
         for f in final_metrics.json replicas_stable_time.npy replicas_stable.npy simulate_config.yml \
                  final_rdf_maes.npy final_adf_maes.npy final_vacf_maes.npy final_rdfs.npy final_adfs.npy \

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mdsim import observables as obs
+from mdsim.atomic import atomic_torch_save
 from mdsim.config import StableConfig, to_dict
 from mdsim.md.init import replace_replicas
 from mdsim.md.rollout import simulate
@@ -38,7 +39,7 @@ from mdsim.units import KCAL_MOL
 from . import distributed, setup
 from .io import write_json, write_yaml
 from .pretrain import evaluate as ef_errors
-from .resume import state_from_dict, state_to_dict
+from .resume import check_resumable, state_from_dict, state_to_dict
 from .context import EF_TEST_FRAMES, Shard, initial_shard, md_integrator, prepare, quiet
 
 
@@ -55,7 +56,6 @@ def _load_progress(path: Path, cfg: StableConfig, model: torch.nn.Module) -> Opt
     """The saved progress of this evaluation, or None; refuses one of other settings or parameters."""
     if not path.exists():
         return None
-    from .resume import check_resumable
     d = torch.load(path, map_location="cpu", weights_only=False)
     if d.get("version") != EVAL_RESUME_VERSION:
         raise setup.SetupError(f"{path}: format version {d.get('version')} is not supported "
@@ -75,7 +75,6 @@ def slim_progress(src: Path, dst: Path) -> None:
     """Copy ``eval_resume.pt`` without the trajectory so far (most of its size; used to keep an
     unfinished evaluation in git).  An evaluation resumed from the copy gives the same metrics and
     arrays; only ``full_traj.npy`` has NaN for the frames before the resume."""
-    from mdsim.atomic import atomic_torch_save
     d = torch.load(src, map_location="cpu", weights_only=False)
     if d.get("traj") is not None:
         d["traj_shape"] = list(d["traj"].shape)
@@ -146,7 +145,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         tr = comm.gather_cat(torch.from_numpy(np.concatenate(full_traj, 0).transpose(1, 0, 2, 3).copy()), sizes)
         if not main:
             return
-        from mdsim.atomic import atomic_torch_save
+        out.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({
             "version": EVAL_RESUME_VERSION, "config": to_dict(cfg),
             "model": {k: t.detach().cpu() for k, t in ctx.model.state_dict().items()},
@@ -190,8 +189,6 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             state = replace_replicas(state, ~tracker.stable, start)
         (n_unstable,) = comm.sum_floats(float((~tracker.stable).sum()))
         stopped = n_unstable / R >= cfg.max_frac_unstable_threshold
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
         save_progress()
         if stopped:
             log(f"epoch {epoch + 1}: {n_unstable / R:.0%} unstable, stopping")
