@@ -3,6 +3,7 @@
 #
 #   bash experiments/xtb_aspirin/run.sh [--quick] [--data PATH_TO_xtb_aspirin_500K.npz]
 #                                       [--original DIR_OF_ORIGINAL_CHECKPOINTS] [--skip-10k]
+#                                       [--skip-ablations]
 #
 #   --data      the GFN2-xTB aspirin trajectory (MD17-format npz; default data/raw/xtb_aspirin_500K.npz,
 #               relative to the repository root). Without it, XTB_FRAMES (20000) frames of GFN2-xTB
@@ -11,6 +12,8 @@
 #               (schnet_aspirin_1k_pretrained/best_checkpoint.pt, schnet_aspirin_1k_stable/ckpt.pt;
 #               default data/original_stable_checkpoints); skipped when absent.
 #   --skip-10k  no QM(10k) baseline.
+#   --skip-ablations  no ablations (StABlE variants with one setting changed, evaluated on other
+#               seeds and start frames than the evaluations; see "ablations" below).
 #   --quick     the same stages at small scale (3-block SchNet, few epochs, 4-8 replicas, 0.4 ps
 #               horizons) into out_quick/; report into out_quick/report/. A smoke test of the
 #               pipeline, not a result.
@@ -20,7 +23,8 @@
 #   stable_1k (StABlE from qm_1k's best checkpoint, configs/stable_1k.yml) →
 #   pilot_<T>K (QM(1k), another seed and fewer replicas: sets the horizon at T = 500, 700 K) →
 #   eval_<model>_<T>K (configs/eval.yml: qm_1k, stable_1k, original_qm_1k, original_stable_1k at
-#   500 and 700 K, same starts and noise for all) → qm_10k (configs/qm_10k.yml) → eval_qm_10k_<T>K
+#   500 and 700 K, same starts and noise for all; the headline pair at the shorter-horizon temperature
+#   first, then the ablations, then the rest) → qm_10k (configs/qm_10k.yml) → eval_qm_10k_<T>K
 #   → report.
 # Interrupted? Rerun the same command: pretraining and StABlE training resume from their last
 # epoch, an evaluation from its last 1 ps epoch (eval_resume.pt).
@@ -36,13 +40,14 @@ cd "$HERE/../.."                       # repository root: all paths below are re
 E=experiments/xtb_aspirin
 CFG=$E/configs
 
-QUICK=0 SKIP10K=0
+QUICK=0 SKIP10K=0 SKIPABL=0
 RAW=data/raw/xtb_aspirin_500K.npz
 ORIG=data/original_stable_checkpoints
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1 ;;
         --skip-10k) SKIP10K=1 ;;
+        --skip-ablations) SKIPABL=1 ;;
         --data) RAW=${2:?--data needs a path}; shift ;;
         --original) ORIG=${2:?--original needs a folder}; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
@@ -149,6 +154,12 @@ for T in 500 700; do
         restore_done "eval_${m}_${T}K" "$DEST/results/evals/${m}_${T}K/final_metrics.json"
     done
 done
+for f in "$CKPT"/ablations/*.pt; do  # ablations: trained variants and evaluations
+    [ -f "$f" ] && [ "$(basename "$f")" != stable_1k_cycle1.pt ] && restore_done "abl_$(basename "$f" .pt)" "$f"
+done
+for f in "$DEST"/results/ablations/*/final_metrics.json; do
+    [ -f "$f" ] && restore_done "eval_$(basename "$(dirname "$f")")" "$f"
+done
 # StABlE starts from QM(1k)'s best checkpoint under model_dir: the committed copy serves on a fresh clone
 PRE_1K=$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints/best_checkpoint.pt
 if [ ! -f "$PRE_1K" ] && [ -f "$CKPT/qm_1k.pt" ]; then
@@ -240,14 +251,15 @@ for src in "$E"/resume/eval_* "$E"/resume/pilot_*; do
         mkdir -p "$dst" && cp -p "$src/eval_resume.pt" "$dst/" && echo "[$(date +%T)] restored $name from $src"
     fi
 done
-evaluate() {  # evaluate MODEL T: small outputs copied to results/evals/ (tracked)
-    local M=$1 T=$2 H dst src f
+evaluate_as() {  # evaluate_as RESULTS_SUBDIR EXP T CHECKPOINT [OVERRIDES...]: small outputs copied to
+    local sub=$1 X=$2 T=$3 C=$4 H dst src f   # results/RESULTS_SUBDIR/EXP_<T>K (tracked)
+    shift 4
     H=$(cat "$OUT/horizon_${T}K.txt")
-    stage "eval_${M}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$(epochs "$H")" \
-        --set "exp_name=${M}_${T}K" --set "pretrained_checkpoint=$(ckpt_of "$M")"
-    dst=$DEST/results/evals/${M}_${T}K
+    stage "eval_${X}_${T}K" "${EVAL[@]}" --set "temperature=$T" --set "n_epochs=$(epochs "$H")" \
+        --set "exp_name=${X}_${T}K" --set "pretrained_checkpoint=$C" "$@"
+    dst=$DEST/results/$sub/${X}_${T}K
     if [ ! -f "$dst/final_metrics.json" ]; then
-        src=$(eval_out "${M}_${T}K")
+        src=$(eval_out "${X}_${T}K")
         mkdir -p "$dst"
         for f in final_metrics.json replicas_stable_time.npy replicas_stable.npy simulate_config.yml \
                  final_rdf_maes.npy final_adf_maes.npy final_vacf_maes.npy final_rdfs.npy final_adfs.npy \
@@ -257,11 +269,62 @@ evaluate() {  # evaluate MODEL T: small outputs copied to results/evals/ (tracke
     fi
     report
 }
+evaluate() { evaluate_as evals "$1" "$2" "$(ckpt_of "$1")"; }  # evaluate MODEL T
+
+# ---- ablations: why is StABlE's effect small? Each variant is StABlE(1k) (configs/stable_1k.yml)
+# with one setting changed, trained with the same training seed (the same MD up to its first
+# learning step) for ABL_EPOCHS epochs. Its model at the end of learning cycle 1 (end_of_cycle1.pt;
+# the last model if the cycle has not ended) is evaluated at ABL_T K next to QM(1k) and StABlE(1k)'s
+# own end-of-cycle-1 model (the paper's settings) on other seeds and start frames than the
+# evaluations' (seed ABL_SEED, test frames ABL_FRAME_OFFSET.., ABL_REPLICAS replicas; same starts and
+# noise for every arm, the evaluation protocol and horizon otherwise), so the evaluation runs are
+# never used to choose anything. Models: checkpoints/ablations/; results: results/ablations/.
+ABL_T=700 ABL_SEED=3001 ABL_FRAME_OFFSET=2000 ABL_REPLICAS=${ABL_REPLICAS:-32} ABL_EPOCHS=${ABL_EPOCHS:-60}
+# NAME OVERRIDES... (one line per variant)
+ABL_VARIANTS=(
+    "lr1e-2 lr=0.01"   # 10x the learning rate: cycle 1 took 24 SGD steps clipped to norm 1 (sum of lr 0.020)
+)
+[ "$QUICK" = 1 ] && ABL_EPOCHS=4 ABL_REPLICAS=4 ABL_FRAME_OFFSET=100
+ABL_CK=$CKPT/ablations ABL_EVAL=(--set "seed=$ABL_SEED" --set "init_frame_offset=$ABL_FRAME_OFFSET" --set "n_replicas=$ABL_REPLICAS")
+cycle1_model() {  # cycle1_model RUN_DIR → its end_of_cycle1.pt, else its ckpt.pt
+    if [ -f "$1/end_of_cycle1.pt" ]; then echo "$1/end_of_cycle1.pt"; else echo "$1/ckpt.pt"; fi
+}
+ablations() {
+    mkdir -p "$ABL_CK" "$DEST/results/ablations"
+    [ -f "$ABL_CK/stable_1k_cycle1.pt" ] || export_ckpt \
+        "$(cycle1_model "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* | head -n 1)")" ablations/stable_1k_cycle1
+    local v name sets o run
+    for v in "${ABL_VARIANTS[@]}"; do
+        name=${v%% *} sets=()
+        for o in ${v#* }; do sets+=(--set "$o"); done
+        if [ -f "$E/resume/abl_$name/.folder" ]; then
+            restore "abl_$name" "$OUT/stable_runs/$(cat "$E/resume/abl_$name/.folder")"
+        fi
+        stage "abl_$name" "${ST[@]}" --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "${STABLE_Q[@]}" \
+            --set "exp_name=abl_$name" --set "n_epochs=$ABL_EPOCHS" "${sets[@]}"
+        if [ ! -f "$ABL_CK/$name.pt" ]; then
+            run=$(ls -d "$OUT"/stable_runs/schnet_aspirin_abl_"$name"_* | head -n 1)
+            export_ckpt "$(cycle1_model "$run")" "ablations/$name"
+            { echo "variant $name: ${v#* } (n_epochs $ABL_EPOCHS); evaluated: $(basename "$(cycle1_model "$run")")"
+              grep -E "learning cycle|end of learning" "$OUT/logs/abl_$name.log" || true
+            } > "$DEST/results/ablations/abl_${name}_training.txt"
+            cp -r "$run/logs" "$DEST/results/ablations/abl_${name}_tensorboard"
+        fi
+    done
+    evaluate_as ablations abl_qm_1k "$ABL_T" "$CKPT/qm_1k.pt" "${ABL_EVAL[@]}"
+    evaluate_as ablations abl_stable_1k_cycle1 "$ABL_T" "$ABL_CK/stable_1k_cycle1.pt" "${ABL_EVAL[@]}"
+    for v in "${ABL_VARIANTS[@]}"; do
+        name=${v%% *}
+        evaluate_as ablations "abl_$name" "$ABL_T" "$ABL_CK/$name.pt" "${ABL_EVAL[@]}"
+    done
+}
 # the temperature with the shorter horizon first; the headline pair (QM(1k), StABlE(1k)) at both
 # temperatures, then the original's pair, then the QM(10k) baseline, whose pretraining alone takes
 # hours (a session that stops early has the main result)
 TEMPS=($(for T in 500 700; do echo "$(cat "$OUT/horizon_${T}K.txt") $T"; done | sort -n -k1,1 -k2,2 | cut -d' ' -f2))
-for T in "${TEMPS[@]}"; do for M in qm_1k stable_1k; do evaluate "$M" "$T"; done; done
+for M in qm_1k stable_1k; do evaluate "$M" "${TEMPS[0]}"; done
+[ $SKIPABL = 0 ] && ablations
+for T in "${TEMPS[@]:1}"; do for M in qm_1k stable_1k; do evaluate "$M" "$T"; done; done
 for M in "${MODELS[@]}"; do
     case $M in original_*) for T in "${TEMPS[@]}"; do evaluate "$M" "$T"; done ;; esac
 done

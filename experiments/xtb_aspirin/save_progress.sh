@@ -26,6 +26,12 @@ save qm_10k "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints" checkpoint.pt be
 # configs and the tensorboard logs (training curves); not the per-epoch checkpoints
 ST=$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* 2>/dev/null | head -n 1 || true)
 [ -n "$ST" ] && save stable_1k "$ST" resume.pt ckpt.pt stable_training_config.yml pretraining_config.yml logs
+# ablations' StABlE training (run.sh: abl_<variant>), the same files
+for run in "$OUT"/stable_runs/schnet_aspirin_abl_*; do
+    [ -d "$run" ] || continue
+    name=${run#"$OUT"/stable_runs/schnet_aspirin_}; name=${name%%_lr=*}
+    save "$name" "$run" resume.pt ckpt.pt stable_training_config.yml pretraining_config.yml logs
+done
 # evaluations and pilots: eval_resume.pt without the trajectory so far (MD state, flags, sums:
 # a few MB; the resumed run's full_traj.npy has NaN before the resume, its metrics are the
 # same); .folder names the run folder under out/evals/
