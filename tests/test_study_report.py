@@ -191,3 +191,45 @@ def test_training_wall_time_skips_interruptions():
     t = report.training_summary(sc)
     assert t["epoch_wall_s_mean"] == pytest.approx((40 + 40 + 45 + 42) / 4)
     assert t["wall_s_estimate"] == pytest.approx(6 * (40 + 40 + 45 + 42) / 4) and t["learning_epochs"] == 2
+
+
+def test_report_ablations_against_both_baselines(tmp_path):
+    """Ablation arms (run.sh eval_abl_<arm>_700K) are compared with QM(1k) and with the paper-settings
+    arm on their own seeds; the parameter move is the L2 distance of the checkpoints."""
+    import torch
+    report = _load("report")
+    rng = np.random.default_rng(1)
+    out, dest, ck = tmp_path / "out", tmp_path / "dest", tmp_path / "ck"
+    H = 20
+    qm = np.round(rng.exponential(2.0, 32) / 0.05).clip(1, 399) * 0.05
+    fake_eval(out, "abl_qm_1k_700K", qm, 0, H, rng)
+    fake_eval(out, "abl_stable_1k_cycle1_700K", qm * 1.1, 0, H, rng)
+    # the variant only as the small copy in results/ablations (its out/ folder gone)
+    long = np.concatenate([np.full(16, float(H)), qm[:16] * 3])
+    d = fake_eval(tmp_path / "gone", "abl_lr1e-2_700K", long, 16, H, rng)
+    copy = dest / "results" / "ablations" / "abl_lr1e-2_700K"
+    copy.mkdir(parents=True)
+    for f in ("final_metrics.json", "replicas_stable_time.npy", "simulate_config.yml"):
+        (copy / f).write_bytes((d / f).read_bytes())
+    (dest / "results" / "ablations" / "abl_lr1e-2_training.txt").write_text(
+        "variant lr1e-2: lr=0.01 (n_epochs 60); evaluated: end_of_cycle1.pt\n")
+    (ck / "ablations").mkdir(parents=True)
+    base = {"w": torch.ones(3, 4), "b": torch.zeros(4), "n": torch.tensor(3)}
+    torch.save({"state_dict": base}, ck / "qm_1k.pt")
+    torch.save({"state_dict": {**base, "w": base["w"] + 0.5}}, ck / "ablations" / "lr1e-2.pt")
+
+    assert report.main(["--out", str(out), "--dest", str(dest), "--checkpoints", str(ck)]) == 0
+    res = json.loads((dest / "results" / "results.json").read_text())
+    arms = {r["model"]: r for r in res["ablations"]["700"]["arms"]}
+    assert list(arms) == ["abl_qm_1k", "abl_stable_1k_cycle1", "abl_lr1e-2"]
+    v, paper, q = arms["abl_lr1e-2"], arms["abl_stable_1k_cycle1"], arms["abl_qm_1k"]
+    assert "rmst_ratio_vs_qm_1k" not in q and "rmst_ratio_vs_paper" not in paper
+    assert v["rmst_ratio_vs_qm_1k"][0] == pytest.approx(v["rmst_ps"] / q["rmst_ps"], rel=1e-4)
+    assert v["rmst_ratio_vs_paper"][0] == pytest.approx(v["rmst_ps"] / paper["rmst_ps"], rel=1e-4)
+    assert v["logrank_vs_paper"]["p"] < 1e-3 and v["paired_sign_test_vs_qm_1k"]["b_longer"] >= 16
+    # ||0.5 * ones(3, 4)|| = sqrt(12) / 2, relative to ||ones(3, 4)|| = sqrt(12); integers ignored
+    assert v["param_move_from_qm_1k"] == pytest.approx([12 ** 0.5 / 2, 0.5], rel=1e-6)
+    assert v["training"][0].startswith("variant lr1e-2")
+    md = (dest / "results" / "results.md").read_text()
+    assert "## Ablations" in md and "variant lr1e-2" in md
+    assert (dest / "figures" / "km_ablations_700K.png").stat().st_size > 1000

@@ -122,6 +122,42 @@ def _num(x, p=3):
     return round(float(x), p) if isinstance(x, float) else x
 
 
+def summary_row(key, label, r, horizon, base=None, base_s=None, vs="qm_1k") -> dict:
+    """One model's survival statistics to ``horizon`` and, given a baseline run ``base`` (its
+    summary ``base_s``), the RMST ratio, log-rank and paired sign test against it (keys ``*_vs_<vs>``)."""
+    s = survival_summary(r, horizon)
+    m = r["metrics"]
+    row = {"model": key, "label": label, "status": "done", "folder": str(r["dir"]),
+           "n_replicas": r["n"], "horizon_ps": r["horizon"], "simulated_ps": r["simulated"],
+           "stable_to_horizon": r["n_stable"], "events": int(r["events"].sum()),
+           "km_median_ps": s["median"], "km_median_ci_ps": s["median_ci"],
+           "rmst_horizon_ps": horizon, "rmst_ps": s["rmst"].estimate, "rmst_se_ps": s["rmst"].stderr,
+           "rmst_ci_ps": [s["rmst"].lower, s["rmst"].upper],
+           "energy_mae_eV": m.get("Energy MAE (eV)"), "force_mae_eV_A": m.get("Force MAE (eV/A)"),
+           "rdf_mae": [m.get("Mean RDF MAE"), m.get("Std Dev RDF MAE")],
+           "adf_mae": [m.get("Mean ADF MAE"), m.get("Std Dev ADF MAE")],
+           "vacf_mae": [m.get("Mean VACF MAE"), m.get("Std Dev VACF MAE")],
+           "stability_times_ps": [round(float(x), 4) for x in r["times"]],
+           "censored": [bool(not e) for e in r["events"]]}
+    if base is not None and base is not r:
+        row.update(comparison(r, s, base, base_s, vs))
+    return row
+
+
+def comparison(r, s, base, base_s, vs) -> dict:
+    """RMST ratio (delta method), log-rank test and paired sign test of run ``r`` against ``base``."""
+    out = {}
+    try:
+        out[f"rmst_ratio_vs_{vs}"] = list(stats.rmst_ratio(s["rmst"], base_s["rmst"]))
+    except ValueError:
+        out[f"rmst_ratio_vs_{vs}"] = None
+    lr = stats.logrank_test(base["times"], base["events"], r["times"], r["events"])
+    out[f"logrank_vs_{vs}"] = {"chi2": lr.statistic, "p": lr.pvalue, "observed": lr.observed,
+                               "expected": lr.expected}
+    out[f"paired_sign_test_vs_{vs}"] = paired_sign_test(base, r)
+    return out
+
+
 def analyse(out: Path, dest: Path) -> dict:
     res = {"temperatures": {}, "not_run": []}
     runs = {}
@@ -142,34 +178,131 @@ def analyse(out: Path, dest: Path) -> dict:
             if key not in here:
                 rows.append({"model": key, "label": label, "status": "not run yet"})
                 continue
-            r = here[key]
-            s = survival_summary(r, horizon)
-            m = r["metrics"]
-            row = {"model": key, "label": label, "status": "done", "folder": str(r["dir"]),
-                   "n_replicas": r["n"], "horizon_ps": r["horizon"], "simulated_ps": r["simulated"],
-                   "stable_to_horizon": r["n_stable"], "events": int(r["events"].sum()),
-                   "km_median_ps": s["median"], "km_median_ci_ps": s["median_ci"],
-                   "rmst_horizon_ps": horizon, "rmst_ps": s["rmst"].estimate, "rmst_se_ps": s["rmst"].stderr,
-                   "rmst_ci_ps": [s["rmst"].lower, s["rmst"].upper],
-                   "energy_mae_eV": m.get("Energy MAE (eV)"), "force_mae_eV_A": m.get("Force MAE (eV/A)"),
-                   "rdf_mae": [m.get("Mean RDF MAE"), m.get("Std Dev RDF MAE")],
-                   "adf_mae": [m.get("Mean ADF MAE"), m.get("Std Dev ADF MAE")],
-                   "vacf_mae": [m.get("Mean VACF MAE"), m.get("Std Dev VACF MAE")],
-                   "stability_times_ps": [round(float(x), 4) for x in r["times"]],
-                   "censored": [bool(not e) for e in r["events"]]}
-            if base and key != BASELINE:
-                try:
-                    row["rmst_ratio_vs_qm_1k"] = list(stats.rmst_ratio(s["rmst"], base_s["rmst"]))
-                except ValueError:
-                    row["rmst_ratio_vs_qm_1k"] = None
-                lr = stats.logrank_test(base["times"], base["events"], r["times"], r["events"])
-                row["logrank_vs_qm_1k"] = {"chi2": lr.statistic, "p": lr.pvalue,
-                                           "observed": lr.observed, "expected": lr.expected}
-                row["paired_sign_test_vs_qm_1k"] = paired_sign_test(base, r)
-            rows.append(row)
+            rows.append(summary_row(key, label, here[key], horizon, base, base_s))
         res["temperatures"][str(temp)] = {"horizon_ps": horizon, "horizons_differ": len(horizons) > 1,
                                           "models": rows}
     return res, runs
+
+
+# ----------------------------------------------------------------------------- ablations
+ABL_BASE, ABL_PAPER = "abl_qm_1k", "abl_stable_1k_cycle1"
+
+
+def ablation_runs(out: Path, dest: Path) -> dict:
+    """The ablation evaluations (run.sh: ``eval_abl_<arm>_<T>K``) by arm: {(arm, T): run}."""
+    found = {}
+    pats = [(str(out / "evals" / "schnet_aspirin_abl_*K_*" / "inference" / "pre"), True),
+            (str(dest / "results" / "ablations" / "abl_*K"), False)]
+    for pat, in_out in pats:
+        for h in sorted(glob.glob(pat)):
+            d = Path(h)
+            if not (d / "final_metrics.json").is_file():
+                continue
+            name = d.parents[1].name.split("_lr=")[0][len("schnet_aspirin_"):] if in_out else d.name
+            arm, _, t = name.rpartition("_")
+            if t.endswith("K") and t[:-1].isdigit():
+                found.setdefault((arm, int(t[:-1])), d)
+    return {k: load_eval(d) for k, d in found.items()}
+
+
+def param_distance(a: Path, b: Path):
+    """L2 norm of the parameter difference between two checkpoints, and relative to ``b``'s norm."""
+    import torch
+    sa = torch.load(a, map_location="cpu", weights_only=False)["state_dict"]
+    sb = torch.load(b, map_location="cpu", weights_only=False)["state_dict"]
+    keys = [k for k in sb if k in sa and torch.is_floating_point(sb[k]) and sa[k].shape == sb[k].shape]
+    d = math.sqrt(sum(float((sa[k].double() - sb[k].double()).pow(2).sum()) for k in keys))
+    n = math.sqrt(sum(float(sb[k].double().pow(2).sum()) for k in keys))
+    return d, d / n if n else None
+
+
+def analyse_ablations(out: Path, dest: Path, ckpt: Path):
+    """Survival statistics of every ablation arm against QM(1k) and StABlE(1k)'s end-of-cycle-1 model
+    (the paper's settings) on the ablation seeds; the variants' training notes and parameter moves."""
+    runs = ablation_runs(out, dest)
+    res = {}
+    for temp in sorted({t for _, t in runs}):
+        here = {a: r for (a, t), r in runs.items() if t == temp}
+        horizon = min(r["horizon"] for r in here.values())
+        base, paper = here.get(ABL_BASE), here.get(ABL_PAPER)
+        base_s = survival_summary(base, horizon) if base else None
+        paper_s = survival_summary(paper, horizon) if paper else None
+        arms = sorted(here, key=lambda a: (a != ABL_BASE, a != ABL_PAPER, a))
+        rows = []
+        for arm in arms:
+            r = here[arm]
+            row = summary_row(arm, ablation_label(arm), r, horizon, base, base_s, vs="qm_1k")
+            if paper is not None and arm not in (ABL_BASE, ABL_PAPER):
+                row.update(comparison(r, survival_summary(r, horizon), paper, paper_s, "paper"))
+            name = arm[len("abl_"):]
+            note = dest / "results" / "ablations" / f"abl_{name}_training.txt"
+            if note.is_file():
+                row["training"] = note.read_text().strip().splitlines()
+            ck = {ABL_BASE: None, ABL_PAPER: ckpt / "ablations" / "stable_1k_cycle1.pt"}.get(
+                arm, ckpt / "ablations" / f"{name}.pt")
+            if ck is not None and ck.is_file() and (ckpt / "qm_1k.pt").is_file():
+                row["param_move_from_qm_1k"] = list(param_distance(ck, ckpt / "qm_1k.pt"))
+            rows.append(row)
+        res[str(temp)] = {"horizon_ps": horizon, "arms": rows}
+    return res, runs
+
+
+def ablation_label(arm: str) -> str:
+    return {ABL_BASE: "QM(1k)", ABL_PAPER: "StABlE(1k), paper settings, end of cycle 1"}.get(
+        arm, f"StABlE(1k) variant {arm[len('abl_'):]}, end of cycle 1")
+
+
+def ablation_markdown(abl: dict) -> list:
+    if not abl:
+        return []
+    lines = ["## Ablations (seed 3001, test frames from 2000 on: not the evaluation's seeds or starts)", "",
+             "Each variant is StABlE(1k) with one setting changed (run.sh `ABL_VARIANTS`), trained with the "
+             "same training seed; the model at the end of its first learning cycle is evaluated with the "
+             "evaluation protocol, next to QM(1k) and StABlE(1k)'s own end-of-cycle-1 model (the paper's "
+             "settings). Parameter move: L2 norm of θ − θ_QM(1k) (relative to ‖θ_QM(1k)‖).", ""]
+    for temp, block in abl.items():
+        lines += [f"### {temp} K (RMST horizon {block['horizon_ps']:g} ps)", "",
+                  "| arm | replicas | stable to horizon | KM median (ps) [95 % CI] | RMST (ps) [95 % CI] "
+                  "| RMST ratio vs QM(1k) | log-rank p vs QM(1k) | RMST ratio vs paper settings "
+                  "| log-rank p vs paper | force MAE (eV/Å) | RDF MAE | parameter move |", "|" + "---|" * 12]
+        for r in block["arms"]:
+            def ratio(k):
+                x = r.get(f"rmst_ratio_vs_{k}")
+                return _ci(x[0], x[1:]) if x else "—"
+
+            def p(k):
+                x = r.get(f"logrank_vs_{k}")
+                return _f(x["p"], 2) if x else "—"
+            mv = r.get("param_move_from_qm_1k")
+            mu, sd = r["rdf_mae"]
+            lines.append("| " + " | ".join([
+                r["label"], str(r["n_replicas"]), f"{r['stable_to_horizon']}/{r['n_replicas']}",
+                _ci(r["km_median_ps"], r["km_median_ci_ps"]), _ci(r["rmst_ps"], r["rmst_ci_ps"]),
+                ratio("qm_1k"), p("qm_1k"), ratio("paper"), p("paper"), _f(r["force_mae_eV_A"]),
+                "n/a" if mu is None else f"{_f(mu)} ± {_f(sd)}",
+                f"{mv[0]:.3g} ({mv[1]:.2g})" if mv else "—"]) + " |")
+        lines.append("")
+        for r in block["arms"]:
+            if r.get("training"):
+                lines += [f"- {r['label']}: " + "; ".join(r["training"])]
+        lines.append("")
+    return lines
+
+
+def fig_ablations(runs, fig_dir: Path):
+    plt = _plt()
+    for temp in sorted({t for _, t in runs}):
+        here = {a: r for (a, t), r in runs.items() if t == temp}
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        arms = sorted(here, key=lambda a: (a != ABL_BASE, a != ABL_PAPER, a))
+        for i, arm in enumerate(arms):
+            c = {ABL_BASE: COLORS["qm_1k"], ABL_PAPER: COLORS["stable_1k"]}.get(arm, f"C{(i + 4) % 10}")
+            km_step(ax, here[arm], c, "-" if arm == ABL_BASE else "--", ablation_label(arm))
+        ax.set_xlabel("time (ps)")
+        ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
+        ax.set_ylim(-0.02, 1.02)
+        _finish(plt, fig, ax, f"Ablations: Langevin {temp} K, seed 3001, other start frames",
+                fig_dir / f"km_ablations_{temp}K.png")
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -225,6 +358,7 @@ def markdown(res: dict) -> str:
                 cells.append("n/a" if mu is None else f"{_f(mu)} ± {_f(sd)}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ablation_markdown(res.get("ablations"))
     if res["not_run"]:
         lines += ["Not run yet: " + ", ".join(res["not_run"]) + ".", ""]
     pre = res.get("pretraining") or {}
@@ -334,6 +468,20 @@ def _finish(plt, fig, ax, title, path):
     plt.close(fig)
 
 
+def km_step(ax, r, c, ls, label):
+    """Kaplan–Meier curve of run ``r`` with its 95 % band and a tick where the censored replicas end."""
+    km = stats.kaplan_meier(r["times"], r["events"])
+    lo, hi = km.confidence_band()
+    x = np.concatenate([[0.0], km.times, [r["horizon"]]])
+    y = np.concatenate([[1.0], km.survival, [km.survival[-1] if km.times.size else 1.0]])
+    ylo = np.concatenate([[1.0], lo, [lo[-1] if lo.size else 1.0]])
+    yhi = np.concatenate([[1.0], hi, [hi[-1] if hi.size else 1.0]])
+    ax.step(x, y, where="post", color=c, lw=1.6, ls=ls, label=f"{label} (n={r['n']}, {r['n_stable']} censored)")
+    ax.fill_between(x, ylo, yhi, step="post", color=c, alpha=0.15, lw=0)
+    if (~r["events"]).any():
+        ax.plot([r["simulated"]], [km(r["simulated"])], "|", color=c, ms=10)
+
+
 def fig_km(runs, res, fig_dir: Path):
     plt = _plt()
     for temp, here in by_temperature(runs):
@@ -342,19 +490,7 @@ def fig_km(runs, res, fig_dir: Path):
             r = here.get(key)
             if r is None:
                 continue
-            km = stats.kaplan_meier(r["times"], r["events"])
-            lo, hi = km.confidence_band()
-            x = np.concatenate([[0.0], km.times, [r["horizon"]]])
-            y = np.concatenate([[1.0], km.survival, [km.survival[-1] if km.times.size else 1.0]])
-            ylo = np.concatenate([[1.0], lo, [lo[-1] if lo.size else 1.0]])
-            yhi = np.concatenate([[1.0], hi, [hi[-1] if hi.size else 1.0]])
-            c = COLORS[key]
-            ax.step(x, y, where="post", color=c, lw=1.6, ls=STYLES[key],
-                    label=f"{label_of(key)} (n={r['n']}, {r['n_stable']} censored)")
-            ax.fill_between(x, ylo, yhi, step="post", color=c, alpha=0.15, lw=0)
-            cens = ~r["events"]
-            if cens.any():
-                ax.plot([r["simulated"]], [km(r["simulated"])], "|", color=c, ms=10)
+            km_step(ax, r, COLORS[key], STYLES[key], label_of(key))
         ax.set_xlabel("time (ps)")
         ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
         ax.set_ylim(-0.02, 1.02)
@@ -482,6 +618,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(HERE / "out"), help="the study's output folder (out/ or out_quick/)")
     ap.add_argument("--dest", default=str(HERE), help="writes <dest>/results/ and <dest>/figures/")
+    ap.add_argument("--checkpoints", default=None,
+                    help="the study's checkpoints/ (default <dest>/checkpoints; run.sh --quick: out_quick/checkpoints)")
     ap.add_argument("--no-figures", action="store_true", help="tables only")
     a = ap.parse_args(argv)
     out, dest = Path(a.out), Path(a.dest)
@@ -491,6 +629,8 @@ def main(argv=None) -> int:
     res["stable_training"] = training_summary(sc)
     res["timings_s"] = timings(out, dest)
     res["pretraining"] = pretraining(dest)
+    res["ablations"], abl_runs = analyse_ablations(out, dest, Path(a.checkpoints) if a.checkpoints
+                                                   else dest / "checkpoints")
     for (key, temp), r in runs.items():
         res.setdefault("folders", {})[f"{key}_{temp}K"] = str(r["dir"])
     md = markdown(res)
@@ -503,6 +643,7 @@ def main(argv=None) -> int:
         fig_hist(runs, fig_dir)
         fig_observables(runs, fig_dir)
         fig_training(sc, fig_dir)
+        fig_ablations(abl_runs, fig_dir)
     print(md)
     return 0
 

@@ -112,7 +112,7 @@ pretrain_summary() {  # pretrain_summary NAME SIZE CONFIG OVERRIDES... → resul
         || { rm -f "$f.tmp"; echo "test-set errors of $name failed (see $OUT/logs/test_$name.log)" >&2; }
 }
 
-report() { python "$E/report.py" --out "$OUT" --dest "$DEST" --no-figures > "$OUT/logs/report.log" 2>&1 \
+report() { python "$E/report.py" --out "$OUT" --dest "$DEST" --checkpoints "$CKPT" --no-figures > "$OUT/logs/report.log" 2>&1 \
     || echo "report.py failed (see $OUT/logs/report.log)" >&2; }
 
 echo "study ($([ $QUICK = 1 ] && echo quick || echo full)) started $(date -Is), OMP_NUM_THREADS=$OMP_NUM_THREADS" | tee -a "$TIMES"
@@ -338,7 +338,7 @@ if [ $SKIP10K = 0 ]; then
 fi
 
 printf 'total\t%s\t%s\n' "$SECONDS" "$(date -Is)" >> "$TIMES"
-stage_report() { python "$E/report.py" --out "$OUT" --dest "$DEST"; }
+stage_report() { python "$E/report.py" --out "$OUT" --dest "$DEST" --checkpoints "$CKPT"; }
 rm -f "$OUT/done/report"; stage report stage_report
 cat "$DEST/results/results.md"
 if [ $QUICK = 0 ]; then
