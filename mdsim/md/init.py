@@ -93,14 +93,16 @@ def initial_state(system, frames, force_fn, n_replicas: int, temperature: float,
     return MDState(positions=pos, velocities=vel, forces=f, energy=e, masses=masses, cell=cell)
 
 
-def replace_replicas(state: MDState, mask: Tensor, source: MDState) -> MDState:
+def replace_replicas(state: MDState, mask: Tensor, source: MDState,
+                     keep: tuple = ("replica", "step")) -> MDState:
     """State whose replicas ``mask`` (R,) are taken from ``source`` (same shapes), the others
-    from ``state``.  Replica ids and step counters are kept from ``state``."""
+    from ``state``.  The fields named in ``keep`` (default: replica ids and step counters) and the
+    masses stay ``state``'s for every replica."""
     from dataclasses import fields, replace
 
     kw = {}
     for f in fields(state):
-        if f.name in ("masses", "replica", "step"):
+        if f.name == "masses" or f.name in keep:
             continue
         a, b = getattr(state, f.name), getattr(source, f.name)
         if a is None or b is None:

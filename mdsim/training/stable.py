@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from mdsim.config import StableConfig, to_dict
 from mdsim.estimator import mean_squared_error
-from mdsim.md.init import maxwell_boltzmann_velocities
+from mdsim.md.init import maxwell_boltzmann_velocities, replace_replicas
 from mdsim.md.rollout import simulate
 from mdsim.md.stability import get_criterion, stability_values
 from mdsim.md.state import MDState
@@ -61,19 +61,6 @@ from .targets import training_observable
 MAX_SAVED_STARTS = 50
 
 
-def where_replicas(mask: torch.Tensor, a: MDState, b: MDState) -> MDState:
-    """Per replica: ``a`` where mask else ``b``."""
-    kw = {}
-    for k, va in a.__dict__.items():
-        vb = getattr(b, k)
-        if k == "masses" or va is None:
-            kw[k] = va
-            continue
-        m = mask.reshape((-1,) + (1,) * (va.dim() - 1))
-        kw[k] = torch.where(m, va, vb)
-    return MDState(**kw)
-
-
 def restart_replicas(ctx: RunContext, target: MDState, mask: torch.Tensor, source: MDState, gen,
                      shard: Optional[Shard] = None) -> MDState:
     """Replicas ``mask`` (all replicas, global indices) of ``target`` restart from ``source``
@@ -88,7 +75,7 @@ def restart_replicas(ctx: RunContext, target: MDState, mask: torch.Tensor, sourc
                                                   dof_convention=ctx.cfg.dof_convention)[shard.lo:shard.hi]
     fresh.zeta = torch.zeros_like(fresh.zeta)
     fresh.energy, fresh.forces = ctx.force_field(fresh.positions, fresh.cell)
-    return where_replicas(mask[shard.lo:shard.hi], fresh, target)
+    return replace_replicas(target, mask[shard.lo:shard.hi], fresh, keep=())
 
 
 @dataclass
