@@ -53,6 +53,9 @@ LEARN = ["bond_dev_tol=0.0001", "n_epochs=3"]  # every replica unstable: epoch 1
 SUBSET = LEARN + ["energy_force_frames_per_epoch=50"]
 NOISY = ["bond_dev_tol=100", "reset_probability=0.5", "integrator=Langevin", "ic_stddev=0.01"]
 EVAL = ["train=false", "eval_model=pre", "integrator=Langevin", "n_replicas=5", "n_epochs=2", "bond_dev_tol=0.5"]
+# most replicas unstable within 6 epochs, a few stable to the end: the batches shrink (park_unstable)
+SHRINK = ["train=false", "eval_model=pre", "integrator=Langevin", "temperature=500", "n_replicas=8", "n_epochs=6",
+          "bond_dev_tol=0.6", "max_frac_unstable_threshold=1.0"]
 
 DRIVER = r'''
 import json, os, sys
@@ -115,6 +118,12 @@ def two_process_runs(xtb_data_root, tiny_pretrained, tmp_path_factory):
          "overrides": stable_overrides(xtb_data_root, model_dir, out / "eval_resumed", EVAL + ["n_epochs=1"])},
         {"kind": "evaluate", "config": SIM_YML,
          "overrides": stable_overrides(xtb_data_root, model_dir, out / "eval_resumed", EVAL)},
+        # compiled steps, shrinking batches: stopped after 5 epochs, then resumed to 6
+        {"kind": "evaluate", "config": SIM_YML,
+         "overrides": stable_overrides(xtb_data_root, model_dir, out / "shrink", SHRINK + ["md_backend=compile",
+                                                                                            "n_epochs=5"])},
+        {"kind": "evaluate", "config": SIM_YML,
+         "overrides": stable_overrides(xtb_data_root, model_dir, out / "shrink", SHRINK + ["md_backend=compile"])},
     ]
     for j in jobs:
         j["overrides"] = [str(o) for o in j["overrides"]]
@@ -188,14 +197,16 @@ def test_sharded_noise_reproduces_full_batch(inner):
     full = full0
     for _ in range(3):
         full = integ.step(full, _harmonic, gen)
-    for lo, hi in ((0, 3), (3, 5)):
+    # shards [lo, hi), and chosen replicas ``rows`` (an evaluation that shrank its batch)
+    for lo, hi, rows in ((0, 3, None), (3, 5, None), (0, 5, [0, 2, 4]), (3, 5, [4])):
         gen = torch.Generator().manual_seed(11)
-        wrapped = GlobalNoiseIntegrator(integ, lo, hi, R)
-        st = distributed.local_state(full0, lo, hi)
+        wrapped = GlobalNoiseIntegrator(integ, lo, hi, R, rows=rows)
+        idx = list(range(lo, hi)) if rows is None else rows
+        st = full0.select(idx)
         for _ in range(3):
             st = wrapped.step(st, _harmonic, gen)
-        torch.testing.assert_close(st.positions, full.positions[lo:hi], rtol=0, atol=0)
-        torch.testing.assert_close(st.velocities, full.velocities[lo:hi], rtol=0, atol=0)
+        torch.testing.assert_close(st.positions, full.positions[idx], rtol=0, atol=0)
+        torch.testing.assert_close(st.velocities, full.velocities[idx], rtol=0, atol=0)
     # the noise actually matters: an unwrapped shard stepped with the same seed differs
     gen = torch.Generator().manual_seed(11)
     st = integ.step(distributed.local_state(full0, 3, 5), _harmonic, gen)
@@ -219,13 +230,21 @@ def test_sharded_noise_through_compiled_stepper(backend):
         warnings.simplefilter("ignore", RuntimeWarning)  # cuda_graph → compile without CUDA
         full, _ = compiled.FastStepper(integ, _harmonic, s0, backend, compile_backend="aot_eager").run(
             s0, 3, torch.Generator().manual_seed(11))
-        for lo, hi in ((0, 3), (3, 5)):
-            st = distributed.local_state(s0, lo, hi)
-            stepper = compiled.FastStepper(GlobalNoiseIntegrator(integ, lo, hi, R), _harmonic, st, backend,
-                                           compile_backend="aot_eager")
+        for lo, hi, rows in ((0, 3, None), (3, 5, None), (0, 5, [1, 3])):
+            idx = list(range(lo, hi)) if rows is None else rows
+            st = s0.select(idx)
+            stepper = compiled.get_stepper(GlobalNoiseIntegrator(integ, lo, hi, R, rows=rows), _harmonic, st,
+                                           backend, compile_backend="aot_eager")
             st, _ = stepper.run(st, 3, ShardedGenerator(torch.Generator().manual_seed(11)))
-            torch.testing.assert_close(st.positions, full.positions[lo:hi], rtol=0, atol=0)
-            torch.testing.assert_close(st.velocities, full.velocities[lo:hi], rtol=0, atol=0)
+            torch.testing.assert_close(st.positions, full.positions[idx], rtol=0, atol=0)
+            torch.testing.assert_close(st.velocities, full.velocities[idx], rtol=0, atol=0)
+        # steppers are cached per integrator settings: other rows of the same count are another stepper
+        st = s0.select([0, 2])
+        a = compiled.get_stepper(GlobalNoiseIntegrator(integ, 0, 5, R, rows=[1, 3]), _harmonic, st, backend,
+                                 compile_backend="aot_eager")
+        b = compiled.get_stepper(GlobalNoiseIntegrator(integ, 0, 5, R, rows=[0, 2]), _harmonic, st, backend,
+                                 compile_backend="aot_eager")
+        assert a is not b and b.integrator.rows.tolist() == [0, 2]
 
 
 # ------------------------------------------------------------------------ 2-process runs
@@ -344,3 +363,28 @@ def test_sharded_evaluation_matches_single_process(two_process_runs, xtb_data_ro
     assert mc == mb
     for f in ("full_traj.npy", "replicas_stable_time.npy", "final_rdfs.npy"):
         np.testing.assert_array_equal(np.load(c / f), np.load(b / f), err_msg=f)
+
+
+def test_sharded_evaluation_shrinks_its_batches(two_process_runs, xtb_data_root, tiny_pretrained, tmp_path,
+                                               one_thread):
+    """Two processes (compiled steps) that each stop simulating their unstable replicas, one of
+    them resumed after the batches shrank, give the single process's stability times, and the
+    stable replicas' trajectories to float rounding."""
+    from mdsim.training.evaluate import run_evaluation
+    model_dir, _ = tiny_pretrained
+    a = run_evaluation(load_config(StableConfig, SIM_YML, stable_overrides(xtb_data_root, model_dir, tmp_path, SHRINK)),
+                       **QUIET)
+    b = stable_folder(two_process_runs / "shrink") / "inference" / "pre"
+    stable = np.load(a / "replicas_stable.npy")
+    assert stable.any() and not stable.all()
+    for f in ("replicas_stable_time.npy", "replicas_stable.npy"):
+        np.testing.assert_array_equal(np.load(b / f), np.load(a / f), err_msg=f)
+    ta, tb = np.load(a / "full_traj.npy"), np.load(b / "full_traj.npy")
+    assert np.abs(ta[stable] - tb[stable]).max() < 1e-3
+    # both ranks shrank: some of each rank's flagged replicas were not simulated in the last epoch
+    gone = np.isnan(tb[:, -1]).all(axis=(1, 2))
+    assert gone[:4].any() and gone[4:].any() and not gone[stable].any(), gone
+    # a pair distance near a histogram bin edge may land in the neighbouring bin: compare the errors
+    ma, mb = (json.loads((d / "final_metrics.json").read_text()) for d in (a, b))
+    for k in ("Mean RDF MAE", "Mean ADF MAE", "Mean VACF MAE"):
+        assert mb[k] == pytest.approx(ma[k], rel=1e-2), k

@@ -218,3 +218,45 @@ def test_parking_unstable_replicas_leaves_the_metrics_unchanged(xtb_data_root, t
     ta, tb = np.load(a / "full_traj.npy"), np.load(b / "full_traj.npy")
     np.testing.assert_array_equal(ta[~flagged], tb[~flagged])
     assert not np.array_equal(ta[flagged], tb[flagged])
+
+
+def test_shrinking_the_batch_to_the_stable_replicas(xtb_data_root, tiny_pretrained, tmp_path):
+    """park_unstable: once at most half of the replicas are stable only those are simulated (each
+    keeps the noise it gets in the full batch). Stability times, observables and the stable
+    replicas' trajectories equal those of simulating everything on; an evaluation interrupted
+    after the batch shrank resumes with the same result."""
+    model_dir, _ = tiny_pretrained
+    base = ["train=false", "eval_model=pre", "integrator=Langevin", "temperature=500", "n_replicas=8",
+            "bond_dev_tol=0.6", "max_frac_unstable_threshold=1.0"]
+    outs, logs = {}, {}
+    for name, extra in (("park", ["park_unstable=true", "n_epochs=6"]),
+                        ("all", ["park_unstable=false", "n_epochs=6"]),
+                        ("resumed", ["park_unstable=true", "n_epochs=5"])):
+        logs[name] = []
+        cfg = stable_cfg(xtb_data_root, model_dir, tmp_path / name, base + extra)
+        outs[name] = run_evaluation(cfg, log=logs[name].append)
+    n_first = len(logs["resumed"])
+    cfg = stable_cfg(xtb_data_root, model_dir, tmp_path / "resumed", base + ["park_unstable=true", "n_epochs=6"])
+    outs["resumed"] = run_evaluation(cfg, log=logs["resumed"].append)
+    # 8 replicas, tolerance 0.6 Å: 5 flagged by the end of epoch 4 (of 6), 3 stable to the end
+    shrank = [m for m in logs["park"] if "simulating only those" in m]
+    assert len(shrank) == 1 and shrank[0].startswith("epoch 4: 3 of the 8"), logs["park"]
+    assert [m for m in logs["resumed"][:n_first] if "simulating only those" in m] == shrank
+    assert not [m for m in logs["resumed"][n_first:] if "simulating only those" in m]  # restored, not redone
+    a, b, c = outs["park"], outs["all"], outs["resumed"]
+    stable = np.load(a / "replicas_stable.npy")
+    assert stable.any() and not stable.all(), "the test needs replicas stable to the end and unstable ones"
+    for f in ("replicas_stable_time.npy", "replicas_stable.npy", "final_rdfs.npy", "final_adfs.npy",
+              "final_vacfs.npy", "full_traj.npy"):  # the resumed run: bit-exact
+        np.testing.assert_array_equal(np.load(a / f), np.load(c / f), err_msg=f"resumed {f}")
+    for f in ("replicas_stable_time.npy", "replicas_stable.npy"):
+        np.testing.assert_array_equal(np.load(a / f), np.load(b / f), err_msg=f)
+    # the smaller batch changes the last bits of the forces (float32 here), which MD amplifies:
+    # ~1e-6 Å after two epochs; the wrong replica's noise would move atoms by ~1e-3 Å per step
+    ta, tb = np.load(a / "full_traj.npy"), np.load(b / "full_traj.npy")
+    shrunk_at = 4 * 40 // 10  # frames before the batch shrank
+    np.testing.assert_array_equal(ta[stable, :shrunk_at], tb[stable, :shrunk_at])
+    assert np.abs(ta[stable] - tb[stable]).max() < 1e-4
+    assert np.isnan(ta[~stable][:, shrunk_at:]).all()  # not simulated after the batch shrank
+    for f in ("final_rdfs.npy", "final_adfs.npy", "final_vacfs.npy"):
+        np.testing.assert_allclose(np.load(a / f), np.load(b / f), rtol=1e-3, atol=1e-6, err_msg=f)

@@ -103,10 +103,14 @@ class StableConfig:
                             min=0.0)
     park_unstable: bool = option(True, "(new) Evaluation (train: false) only: at the end of every epoch, "
                                  "replicas already flagged unstable restart from their start frame and "
-                                 "velocities. Their stability time and observables are final once flagged, so "
-                                 "the metrics do not change; it only stops exploded molecules (atoms flying "
-                                 "apart, which force a neighbour-list rebuild and a redone step every step) "
-                                 "from costing up to 2x per step. false = simulate them on, as the original.")
+                                 "velocities (an exploded molecule forces a neighbour-list rebuild and a redone "
+                                 "step every step: up to 2x per step), and once at most half of the replicas "
+                                 "a process simulates are stable, it simulates only those (the batch shrinks, "
+                                 "at most log2(n_replicas) times; each replica keeps the noise it gets in the "
+                                 "full batch). Stability times and observables are final once a replica is "
+                                 "flagged, so the metrics are those of simulating everything on, up to the "
+                                 "float rounding a smaller batch changes; full_traj.npy has NaN where a "
+                                 "replica was no longer simulated. false = simulate them on, as the original.")
     max_frac_unstable_threshold: float = option(0.75, "Unstable fraction that starts learning "
                                                 "(training) or ends the run (evaluation).", min=0.0, max=1.0)
     min_frac_unstable_threshold: float = option(0.0, "Unstable fraction at or below which a learning "

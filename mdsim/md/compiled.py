@@ -433,7 +433,7 @@ def get_stepper(integrator: Integrator, force_fn, state: MDState, backend: str, 
     reuse compiled code and captured graphs."""
     key = (integrator.name, integrator.dt, tuple(sorted(integrator.params.items())), backend,
            state.n_replicas, state.n_atoms, state.positions.dtype, str(state.positions.device),
-           state.cell is None, tuple(sorted(options.items())))
+           state.cell is None, tuple(sorted(options.items())), getattr(integrator, "rows_key", None))
     try:
         per_ff = _STEPPERS.setdefault(force_fn, {})
     except TypeError:  # not weak-referenceable: no cache

@@ -122,11 +122,20 @@ class ModelForceField(ForceField):
         self.wrap = bool(wrap)
         self._cache = {}
         self._model_kw = equal_size_kwargs(model)
+        self.neighbor_skin = neighbor_skin
         self.neighbors = make_neighbor_list(model, neighbor_skin)
         self.radial_table_spacing = None if radial_table_spacing is None else float(radial_table_spacing)
         if self.radial_table_spacing is not None and not self.radial_table_spacing > 0:
             raise ValueError(f"radial_table_spacing: expected a positive spacing in Å or None, "
                              f"got {radial_table_spacing!r}")
+
+    def renewed(self) -> "ModelForceField":
+        """The same force field with its own Verlet list and caches (for another replica count:
+        a list keeps the capacity of its largest build, so a smaller batch would still pay for
+        the larger one's pair slots)."""
+        return ModelForceField(self.model, self.atomic_numbers, create_graph=self.create_graph, dtype=self.dtype,
+                               wrap=self.wrap, neighbor_skin=self.neighbor_skin,
+                               radial_table_spacing=self.radial_table_spacing)
 
     def tables(self):
         """The context of this force field's radial tables (no-op without; see class doc)."""

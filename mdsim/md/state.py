@@ -69,6 +69,20 @@ class MDState:
                                          and f.name != "masses" else getattr(self, f.name))
                                 for f in fields(self)})
 
+    def put(self, idx, other: "MDState") -> "MDState":
+        """A copy whose replicas ``idx`` are ``other``'s (``other`` holds exactly those, in order);
+        the others are this state's (masses shared)."""
+        kw = {}
+        for f in fields(self):
+            v, w = getattr(self, f.name), getattr(other, f.name)
+            if v is None or f.name == "masses":
+                kw[f.name] = v
+            else:
+                v = v.clone()
+                v[idx] = w.to(v)
+                kw[f.name] = v
+        return MDState(**kw)
+
     def select(self, idx) -> "MDState":
         """State restricted to replicas ``idx`` (masses shared)."""
         kw = {}

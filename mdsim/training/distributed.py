@@ -262,21 +262,21 @@ def local_state(state, lo: int, hi: int):
 # ----------------------------------------------------------------- integrator noise
 class _GlobalRandn(TorchFunctionMode):
     """Replaces ``torch.randn(shape, generator=G)`` with shape[0] == the local replica count
-    by the rows [lo, hi) of a draw for all replicas."""
+    by the rows ``rows`` (a slice or an index tensor, ``count`` of them) of a draw for all replicas."""
 
-    def __init__(self, generator: torch.Generator, lo: int, hi: int, total: int):
+    def __init__(self, generator: torch.Generator, rows, count: int, total: int):
         super().__init__()
-        self.generator, self.lo, self.hi, self.total = generator, lo, hi, total
+        self.generator, self.rows, self.count, self.total = generator, rows, count, total
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.randn and kwargs.get("generator") is self.generator:
             shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
             shape = tuple(int(s) for s in shape)
-            if not shape or shape[0] != self.hi - self.lo:
-                raise RuntimeError(f"sharded noise: expected a draw for {self.hi - self.lo} replicas, "
+            if not shape or shape[0] != self.count:
+                raise RuntimeError(f"sharded noise: expected a draw for {self.count} replicas, "
                                    f"got shape {shape}")
-            return func((self.total,) + shape[1:], **kwargs)[self.lo:self.hi]
+            return func((self.total,) + shape[1:], **kwargs)[self.rows]
         return func(*args, **kwargs)
 
 
@@ -308,8 +308,20 @@ class GlobalNoiseIntegrator:
     generator inside a step are intercepted (a TorchFunctionMode, lifted while forces are
     computed)."""
 
-    def __init__(self, inner, lo: int, hi: int, total: int):
+    def __init__(self, inner, lo: int, hi: int, total: int, rows: Optional[Sequence[int]] = None):
+        """Replicas [lo, hi) of ``total``; or, given ``rows`` (global replica indices, increasing),
+        those replicas only (an evaluation that stopped simulating its unstable replicas)."""
         self.inner, self.lo, self.hi, self.total = inner, lo, hi, total
+        if rows is None:
+            self.rows, self.count = slice(lo, hi), hi - lo
+            self.rows_key = (lo, hi, total)
+        else:
+            self.rows = torch.as_tensor(list(rows), dtype=torch.long)
+            self.count = int(self.rows.numel())
+            if self.count and not (0 <= int(self.rows.min()) and int(self.rows.max()) < total):
+                raise ValueError(f"rows: replica indices must lie in [0, {total})")
+            #: steppers are cached per integrator settings: the rows are part of them
+            self.rows_key = (total,) + tuple(int(r) for r in self.rows)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -326,7 +338,7 @@ class GlobalNoiseIntegrator:
         from mdsim.md.integrators import randn_like_replicas
         v = state.velocities
         full = torch.empty((self.total,) + tuple(v.shape[1:]), dtype=v.dtype, device=v.device)
-        return randn_like_replicas(full, generator)[self.lo:self.hi]
+        return randn_like_replicas(full, generator)[self.rows.to(v.device) if torch.is_tensor(self.rows) else self.rows]
 
     def step(self, state, force_fn, generator=None, noise=None):
         generator = _unwrap(generator)
@@ -336,7 +348,7 @@ class GlobalNoiseIntegrator:
             return self.inner.step(state, force_fn, generator)
         if self._predrawn():
             return self.inner.step(state, force_fn, generator, noise=self.draw_noise(state, generator))
-        mode = _GlobalRandn(generator, self.lo, self.hi, self.total)
+        mode = _GlobalRandn(generator, self.rows, self.count, self.total)
 
         def forces(x, cell):
             mode.__exit__(None, None, None)  # model evaluation without the per-op hook

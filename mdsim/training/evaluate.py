@@ -2,8 +2,11 @@
 
 ``n_replicas`` replicas start from the first test frames; stability is checked on every frame
 stored every ``n_dump`` steps; a replica's stability time is the time of its first unstable
-frame (frozen afterwards; with ``park_unstable`` the replica restarts from its start frame at the
-end of that epoch, which only saves the cost of simulating an exploded molecule).  Observables are averaged over each replica's stable frames.
+frame (frozen afterwards).  With ``park_unstable`` a flagged replica restarts from its start frame
+at the end of that epoch (an exploded molecule costs up to twice a step), and once at most half of
+the replicas a process simulates are still stable, it simulates only those (the batch shrinks:
+at most log2(R) times, each a new compiled step; every replica keeps the noise it gets in the
+full batch).  Observables are averaged over each replica's stable frames.
 Writes ``final_metrics.json``, the observables as ``.npy`` and PNG plots to
 ``<run folder>/inference/<eval_model>/``.
 
@@ -49,7 +52,7 @@ def _mean_std(x: np.ndarray):
 
 
 EVAL_RESUME = "eval_resume.pt"
-EVAL_RESUME_VERSION = 1
+EVAL_RESUME_VERSION = 2  # 2: + "simulated" (the replicas still simulated); version 1 files are read
 
 
 def _load_progress(path: Path, cfg: StableConfig, model: torch.nn.Module) -> Optional[dict]:
@@ -57,7 +60,7 @@ def _load_progress(path: Path, cfg: StableConfig, model: torch.nn.Module) -> Opt
     if not path.exists():
         return None
     d = torch.load(path, map_location="cpu", weights_only=False)
-    if d.get("version") != EVAL_RESUME_VERSION:
+    if d.get("version") not in (1, EVAL_RESUME_VERSION):
         raise setup.SetupError(f"{path}: format version {d.get('version')} is not supported "
                                f"(this code reads version {EVAL_RESUME_VERSION}); delete it to start over")
     check_resumable(d["config"], to_dict(cfg), to_dict(StableConfig()), path)
@@ -80,6 +83,14 @@ def slim_progress(src: Path, dst: Path) -> None:
         d["traj_shape"] = list(d["traj"].shape)
         d["traj"] = None
     atomic_torch_save(d, dst)
+
+
+def _expand(x: Optional[torch.Tensor], idx: torch.Tensor, R: int) -> Optional[torch.Tensor]:
+    """(T, len(idx), ...) → (T, R, ...): rows ``idx`` of dim 1 from ``x``, NaN elsewhere."""
+    if x is None:
+        return None
+    full = x.new_full((x.shape[0], R) + tuple(x.shape[2:]), float("nan"))
+    return full.index_copy_(1, idx.to(x.device), x)
 
 
 def run_evaluation(cfg: StableConfig, log=print) -> Path:
@@ -118,6 +129,20 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     total_steps = 0
     epochs_run = 0
     stopped = False
+    # park_unstable: the local replicas simulated once the batch has shrunk (None: all of them)
+    sim: Optional[torch.Tensor] = None
+    sim_run = (integrator, ctx.force_field, md_gen)
+
+    def shrunk(idx: torch.Tensor):
+        """(integrator, force field, generator) simulating only local replicas ``idx``: the noise
+        of all R replicas is drawn and their rows kept; a fresh force field (Verlet list sized
+        for this batch, its own compiled step)."""
+        if not ctx.integrator.stochastic:
+            return ctx.integrator, ctx.force_field.renewed(), md_gen
+        rows = (idx + shard.lo).tolist()
+        return (distributed.GlobalNoiseIntegrator(ctx.integrator, shard.lo, shard.hi, R, rows=rows),
+                ctx.force_field.renewed(), distributed.ShardedGenerator(gen))
+
     resume_path = out / EVAL_RESUME
     saved = _load_progress(resume_path, cfg, ctx.model)  # every rank reads it
     if saved is not None:
@@ -134,6 +159,9 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             _, F, N, _ = saved["traj_shape"]
             full_traj = [np.full((F, hi - lo, N, 3), np.nan, dtype=np.float32)]
         total_steps, epochs_run, stopped = saved["total_steps"], saved["epochs"], saved["stopped"]
+        if saved.get("simulated") is not None and not bool(saved["simulated"][lo:hi].all()):
+            sim = torch.nonzero(saved["simulated"][lo:hi]).flatten()
+            sim_run = shrunk(sim)
         log(f"resuming the evaluation from {resume_path} after {epochs_run} epochs")
         del saved
 
@@ -143,6 +171,11 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
                                                      rdf_sum, adf_sum, nfr)]
         v = comm.gather_cat(torch.stack(vacfs, 1), sizes) if vacfs else None
         tr = comm.gather_cat(torch.from_numpy(np.concatenate(full_traj, 0).transpose(1, 0, 2, 3).copy()), sizes)
+        simulated = torch.ones(Rl, dtype=torch.bool)
+        if sim is not None:
+            simulated[:] = False
+            simulated[sim] = True
+        simulated = comm.gather_cat(simulated, sizes)
         if not main:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -152,18 +185,25 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             "state": state_to_dict(g_state), "gen": gen.get_state(),
             **dict(zip(("first_unstable_step", "worst_value", "rdf_sum", "adf_sum", "nfr"),
                        (t.cpu() for t in parts))),
-            "vacfs": v, "traj": tr, "total_steps": total_steps, "epochs": epochs_run, "stopped": stopped,
+            "vacfs": v, "traj": tr, "simulated": simulated.cpu(), "total_steps": total_steps, "epochs": epochs_run, "stopped": stopped,
             "world_size": comm.world_size}, resume_path)
 
     for epoch in tqdm(range(epochs_run, cfg.n_epochs), desc=f"eval {cfg.eval_model}", initial=epochs_run,
                       total=cfg.n_epochs, disable=not (cfg.progress and main)):
         if stopped:
             break
-        state, rec = simulate(integrator, ctx.force_field, state, cfg.steps, cfg.n_dump, cfg.eq_steps,
-                              oset.vacf_stride, md_gen, backend=cfg.md_backend,
-                              planned_steps=cfg.steps * cfg.n_epochs)
+        integ, ff, g = sim_run
+        new, rec = simulate(integ, ff, state if sim is None else state.select(sim), cfg.steps, cfg.n_dump,
+                            cfg.eq_steps, oset.vacf_stride, g, backend=cfg.md_backend,
+                            planned_steps=cfg.steps * cfg.n_epochs)
         epochs_run += 1
-        unstable_fr, _ = stability_values(rec.frames, ctx.system, energy=rec.energies)
+        frames, energies, velocities = rec.frames, rec.energies, rec.velocities
+        if sim is None:
+            state = new
+        else:  # replicas not simulated: NaN frames (they are flagged already)
+            state = state.put(sim, new)
+            frames, energies, velocities = (_expand(x, sim, Rl) for x in (frames, energies, velocities))
+        unstable_fr, _ = stability_values(frames, ctx.system, energy=energies)
         was_stable = tracker.stable.clone()
         steps = rec.frame_steps.to(ctx.device) + total_steps
         tracker.update_frames(unstable_fr, steps)
@@ -172,21 +212,30 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
         first = torch.where(tracker.stable, torch.full_like(tracker.first_unstable_step, 2 ** 62),
                             tracker.first_unstable_step)
         ok = (steps[:, None] < first[None, :]).cpu()  # (F, R)
-        pos = rec.frames.detach().to(torch.float64).cpu()
+        pos = frames.detach().to(torch.float64).cpu()
         for f in range(pos.shape[0]):
             m = ok[f]
             if m.any():
                 rdf_sum[m] += oset.rdf_hist(pos[f, m])
                 adf_sum[m] += oset.adf(pos[f, m])
                 nfr[m] += 1
-        if refs.vacf is not None and rec.velocities is not None and rec.velocities.shape[0] >= cfg.vacf_window:
-            v = oset.vacf(rec.velocities.to(torch.float64).cpu())
+        if refs.vacf is not None and velocities is not None and velocities.shape[0] >= cfg.vacf_window:
+            v = oset.vacf(velocities.to(torch.float64).cpu())
             keep = (was_stable & tracker.stable).cpu()
             v[~keep] = float("nan")
             vacfs.append(v)
         full_traj.append(pos.numpy().astype(np.float32))
         if cfg.park_unstable and not bool(tracker.stable.all()):
             state = replace_replicas(state, ~tracker.stable, start)
+            live = torch.nonzero(tracker.stable.cpu()).flatten()
+            cur = Rl if sim is None else int(sim.numel())
+            if cur > 1 and live.numel() <= cur // 2:
+                # simulate the stable ones only; a process with none keeps one parked replica,
+                # so that its noise generator advances with the other processes'
+                sim = live if live.numel() else torch.zeros(1, dtype=torch.long)
+                sim_run = shrunk(sim)
+                log(f"epoch {epoch + 1}: {live.numel()} of the {cur} replicas simulated here are stable; "
+                    "simulating only those")
         (n_unstable,) = comm.sum_floats(float((~tracker.stable).sum()))
         stopped = n_unstable / R >= cfg.max_frac_unstable_threshold
         save_progress()
