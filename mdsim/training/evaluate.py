@@ -35,7 +35,7 @@ from mdsim import observables as obs
 from mdsim.atomic import atomic_torch_save
 from mdsim.config import StableConfig, to_dict
 from mdsim.md.init import replace_replicas
-from mdsim.md.rollout import simulate
+from mdsim.md.rollout import resolve_auto_backend, simulate
 from mdsim.md.stability import StabilityTracker, stability_values
 from mdsim.units import KCAL_MOL
 
@@ -129,6 +129,11 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
     total_steps = 0
     epochs_run = 0
     stopped = False
+    # md_backend auto is decided once, for the full batch and the whole run: a shrunk batch keeps it
+    backend = cfg.md_backend
+    if backend == "auto":
+        backend, why = resolve_auto_backend(state, ctx.force_field, cfg.steps * cfg.n_epochs)
+        log(f"md_backend auto → {backend} ({why})")
     # park_unstable: the local replicas simulated once the batch has shrunk (None: all of them)
     sim: Optional[torch.Tensor] = None
     sim_run = (integrator, ctx.force_field, md_gen)
@@ -194,7 +199,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             break
         integ, ff, g = sim_run
         new, rec = simulate(integ, ff, state if sim is None else state.select(sim), cfg.steps, cfg.n_dump,
-                            cfg.eq_steps, oset.vacf_stride, g, backend=cfg.md_backend,
+                            cfg.eq_steps, oset.vacf_stride, g, backend=backend,
                             planned_steps=cfg.steps * cfg.n_epochs)
         epochs_run += 1
         frames, energies, velocities = rec.frames, rec.energies, rec.velocities
