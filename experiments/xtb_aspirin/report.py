@@ -47,14 +47,15 @@ from mdsim import stats  # noqa: E402
 MODELS = [
     ("qm_1k", "QM(1k)"),
     ("stable_1k", "StABlE(1k)"),
+    ("stable_1k_abl_lr1e-2", "StABlE(1k), lr 1e-2 (chosen by the ablations)"),
     ("qm_10k", "QM(10k)"),
     ("original_qm_1k", "original QM(1k), DFT MD17"),
     ("original_stable_1k", "original StABlE(1k), DFT MD17"),
 ]
 BASELINE = "qm_1k"
 TEMPERATURES = (500, 700)
-COLORS = {"qm_1k": "C3", "stable_1k": "C2", "qm_10k": "C0", "original_qm_1k": "C1", "original_stable_1k": "C4"}
-STYLES = {"qm_1k": "-", "stable_1k": "--", "qm_10k": "-.", "original_qm_1k": ":", "original_stable_1k": (0, (6, 2, 1, 2))}
+COLORS = {"qm_1k": "C3", "stable_1k": "C2", "stable_1k_abl_lr1e-2": "C5", "qm_10k": "C0", "original_qm_1k": "C1", "original_stable_1k": "C4"}
+STYLES = {"qm_1k": "-", "stable_1k": "--", "stable_1k_abl_lr1e-2": (0, (3, 1)), "qm_10k": "-.", "original_qm_1k": ":", "original_stable_1k": (0, (6, 2, 1, 2))}
 SMALL_FILES = ("final_metrics.json", "replicas_stable_time.npy", "replicas_stable.npy", "simulate_config.yml",
                "final_rdf_maes.npy", "final_adf_maes.npy", "final_vacf_maes.npy")
 

@@ -150,8 +150,8 @@ for T in 500 700; do
     restore_done "pilot_${T}K" "$DEST/results/horizon_${T}K.txt"
     [ -f "$DEST/results/horizon_${T}K.txt" ] && [ ! -f "$OUT/horizon_${T}K.txt" ] && \
         cp "$DEST/results/horizon_${T}K.txt" "$OUT/horizon_${T}K.txt"
-    for m in qm_1k stable_1k qm_10k original_qm_1k original_stable_1k; do
-        restore_done "eval_${m}_${T}K" "$DEST/results/evals/${m}_${T}K/final_metrics.json"
+    for f in "$DEST"/results/evals/*_"${T}K"/final_metrics.json; do
+        [ -f "$f" ] && restore_done "eval_$(basename "$(dirname "$f")")" "$f"
     done
 done
 for f in "$CKPT"/ablations/*.pt; do  # ablations: trained variants and evaluations
@@ -199,7 +199,13 @@ if [ -d "$ORIG" ]; then
 else
     echo "no $ORIG: skipping the original's checkpoints (--original DIR)"
 fi
-ckpt_of() { case $1 in original_*) echo "$OUT/original/$1.pt" ;; *) echo "$CKPT/$1.pt" ;; esac; }
+ckpt_of() {
+    case $1 in
+        original_*) echo "$OUT/original/$1.pt" ;;
+        stable_1k_abl_*) echo "$CKPT/ablations/${1#stable_1k_abl_}.pt" ;;  # a variant chosen by the ablations
+        *) echo "$CKPT/$1.pt" ;;
+    esac
+}
 EVAL=("${ST[@]}" --config-yml "$CFG/eval.yml" "${ST_PATHS[@]}" "${EVAL_Q[@]}")
 
 # ---- pilot of QM(1k) per temperature (other seed, other start frames, fewer replicas) → horizon
@@ -323,8 +329,17 @@ ablations() {
 # hours (a session that stops early has the main result)
 TEMPS=($(for T in 500 700; do echo "$(cat "$OUT/horizon_${T}K.txt") $T"; done | sort -n -k1,1 -k2,2 | cut -d' ' -f2))
 for M in qm_1k stable_1k; do evaluate "$M" "${TEMPS[0]}"; done
-[ $SKIPABL = 0 ] && ablations
-for T in "${TEMPS[@]:1}"; do for M in qm_1k stable_1k; do evaluate "$M" "$T"; done; done
+# variants the ablations chose (on their own seeds), evaluated with the evaluation protocol: a
+# confirmatory test on the evaluation's seeds and starts, as model stable_1k_abl_<variant>
+ABL_CHOSEN=(lr1e-2)   # chosen 2026-12-02 from results/ablations (VALIDATION.md, "Ablations")
+if [ $SKIPABL = 0 ]; then
+    ablations
+    for v in "${ABL_CHOSEN[@]}"; do evaluate "stable_1k_abl_$v" "${TEMPS[0]}"; done
+fi
+for T in "${TEMPS[@]:1}"; do
+    for M in qm_1k stable_1k; do evaluate "$M" "$T"; done
+    if [ $SKIPABL = 0 ]; then for v in "${ABL_CHOSEN[@]}"; do evaluate "stable_1k_abl_$v" "$T"; done; fi
+done
 for M in "${MODELS[@]}"; do
     case $M in original_*) for T in "${TEMPS[@]}"; do evaluate "$M" "$T"; done ;; esac
 done
