@@ -299,11 +299,8 @@ def fig_ablations(runs, fig_dir: Path):
         for i, arm in enumerate(arms):
             c = {ABL_BASE: COLORS["qm_1k"], ABL_PAPER: COLORS["stable_1k"]}.get(arm, f"C{(i + 4) % 10}")
             km_step(ax, here[arm], c, "-" if arm == ABL_BASE else "--", ablation_label(arm))
-        ax.set_xlabel("time (ps)")
-        ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
-        ax.set_ylim(-0.02, 1.02)
-        _finish(plt, fig, ax, f"Ablations: Langevin {temp} K, seed 3001, other start frames",
-                fig_dir / f"km_ablations_{temp}K.png")
+        _finish_km(plt, fig, ax, f"Ablations: Langevin {temp} K, seed 3001, other start frames",
+                   fig_dir / f"km_ablations_{temp}K.png")
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -469,6 +466,13 @@ def _finish(plt, fig, ax, title, path):
     plt.close(fig)
 
 
+def _finish_km(plt, fig, ax, title, path):
+    ax.set_xlabel("time (ps)")
+    ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
+    ax.set_ylim(-0.02, 1.02)
+    _finish(plt, fig, ax, title, path)
+
+
 def km_step(ax, r, c, ls, label):
     """Kaplan–Meier curve of run ``r`` with its 95 % band and a tick where the censored replicas end."""
     km = stats.kaplan_meier(r["times"], r["events"])
@@ -492,11 +496,8 @@ def fig_km(runs, res, fig_dir: Path):
             if r is None:
                 continue
             km_step(ax, r, COLORS[key], STYLES[key], label_of(key))
-        ax.set_xlabel("time (ps)")
-        ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
-        ax.set_ylim(-0.02, 1.02)
-        _finish(plt, fig, ax, f"Langevin {temp} K, bond deviation < 0.5 Å (95 % log-log bands)",
-                fig_dir / f"km_{temp}K.png")
+        _finish_km(plt, fig, ax, f"Langevin {temp} K, bond deviation < 0.5 Å (95 % log-log bands)",
+                   fig_dir / f"km_{temp}K.png")
 
 
 def fig_hist(runs, fig_dir: Path):
