@@ -123,9 +123,10 @@ def _num(x, p=3):
     return round(float(x), p) if isinstance(x, float) else x
 
 
-def summary_row(key, label, r, horizon, base=None, base_s=None, vs="qm_1k") -> dict:
-    """One model's survival statistics to ``horizon`` and, given a baseline run ``base`` (its
-    summary ``base_s``), the RMST ratio, log-rank and paired sign test against it (keys ``*_vs_<vs>``)."""
+def summary_row(key, label, r, horizon, against=()) -> dict:
+    """One model's survival statistics to ``horizon`` and, for each ``(base, base_s, vs)`` in
+    ``against`` (a baseline run, its summary, a name), the RMST ratio, log-rank and paired sign
+    test against it (keys ``*_vs_<vs>``; none against itself)."""
     s = survival_summary(r, horizon)
     m = r["metrics"]
     row = {"model": key, "label": label, "status": "done", "folder": str(r["dir"]),
@@ -140,8 +141,9 @@ def summary_row(key, label, r, horizon, base=None, base_s=None, vs="qm_1k") -> d
            "vacf_mae": [m.get("Mean VACF MAE"), m.get("Std Dev VACF MAE")],
            "stability_times_ps": [round(float(x), 4) for x in r["times"]],
            "censored": [bool(not e) for e in r["events"]]}
-    if base is not None and base is not r:
-        row.update(comparison(r, s, base, base_s, vs))
+    for base, base_s, vs in against:
+        if base is not None and base is not r:
+            row.update(comparison(r, s, base, base_s, vs))
     return row
 
 
@@ -179,7 +181,7 @@ def analyse(out: Path, dest: Path) -> dict:
             if key not in here:
                 rows.append({"model": key, "label": label, "status": "not run yet"})
                 continue
-            rows.append(summary_row(key, label, here[key], horizon, base, base_s))
+            rows.append(summary_row(key, label, here[key], horizon, [(base, base_s, "qm_1k")]))
         res["temperatures"][str(temp)] = {"horizon_ps": horizon, "horizons_differ": len(horizons) > 1,
                                           "models": rows}
     return res, runs
@@ -232,9 +234,8 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
         rows = []
         for arm in arms:
             r = here[arm]
-            row = summary_row(arm, ablation_label(arm), r, horizon, base, base_s, vs="qm_1k")
-            if paper is not None and arm not in (ABL_BASE, ABL_PAPER):
-                row.update(comparison(r, survival_summary(r, horizon), paper, paper_s, "paper"))
+            against = [(base, base_s, "qm_1k")] + ([(paper, paper_s, "paper")] if arm != ABL_BASE else [])
+            row = summary_row(arm, ablation_label(arm), r, horizon, against)
             name = arm[len("abl_"):]
             note = dest / "results" / "ablations" / f"abl_{name}_training.txt"
             if note.is_file():

@@ -299,7 +299,7 @@ ablations() {
     mkdir -p "$ABL_CK" "$DEST/results/ablations"
     [ -f "$ABL_CK/stable_1k_cycle1.pt" ] || export_ckpt \
         "$(cycle1_model "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* | head -n 1)")" ablations/stable_1k_cycle1
-    local v name sets o run
+    local v name sets o run model
     for v in "${ABL_VARIANTS[@]}"; do
         name=${v%% *} sets=()
         for o in ${v#* }; do sets+=(--set "$o"); done
@@ -310,8 +310,9 @@ ablations() {
             --set "exp_name=abl_$name" --set "n_epochs=$ABL_EPOCHS" "${sets[@]}"
         if [ ! -f "$ABL_CK/$name.pt" ]; then
             run=$(ls -d "$OUT"/stable_runs/schnet_aspirin_abl_"$name"_* | head -n 1)
-            export_ckpt "$(cycle1_model "$run")" "ablations/$name"
-            { echo "variant $name: ${v#* } (n_epochs $ABL_EPOCHS); evaluated: $(basename "$(cycle1_model "$run")")"
+            model=$(cycle1_model "$run")
+            export_ckpt "$model" "ablations/$name"
+            { echo "variant $name: ${v#* } (n_epochs $ABL_EPOCHS); evaluated: $(basename "$model")"
               grep -E "learning cycle|end of learning" "$OUT/logs/abl_$name.log" || true
             } > "$DEST/results/ablations/abl_${name}_training.txt"
             cp -r "$run/logs" "$DEST/results/ablations/abl_${name}_tensorboard"

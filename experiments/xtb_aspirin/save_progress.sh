@@ -24,13 +24,14 @@ save qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints" checkpoint.pt best
 save qm_10k "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints" checkpoint.pt best_checkpoint.pt config.yml
 # StABlE training: resume.pt (all MD states, optimiser, RNG, phase), the latest model, the
 # configs and the tensorboard logs (training curves); not the per-epoch checkpoints
+ST_FILES=(resume.pt ckpt.pt stable_training_config.yml pretraining_config.yml logs)
 ST=$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* 2>/dev/null | head -n 1 || true)
-[ -n "$ST" ] && save stable_1k "$ST" resume.pt ckpt.pt stable_training_config.yml pretraining_config.yml logs
+[ -n "$ST" ] && save stable_1k "$ST" "${ST_FILES[@]}"
 # ablations' StABlE training (run.sh: abl_<variant>), the same files
 for run in "$OUT"/stable_runs/schnet_aspirin_abl_*; do
     [ -d "$run" ] || continue
     name=${run#"$OUT"/stable_runs/schnet_aspirin_}; name=${name%%_lr=*}
-    save "$name" "$run" resume.pt ckpt.pt stable_training_config.yml pretraining_config.yml logs
+    save "$name" "$run" "${ST_FILES[@]}"
 done
 # evaluations and pilots: eval_resume.pt without the trajectory so far (MD state, flags, sums:
 # a few MB; the resumed run's full_traj.npy has NaN before the resume, its metrics are the

@@ -314,14 +314,14 @@ class GlobalNoiseIntegrator:
         self.inner, self.lo, self.hi, self.total = inner, lo, hi, total
         if rows is None:
             self.rows, self.count = slice(lo, hi), hi - lo
-            self.rows_key = (lo, hi, total)
+            self.rows_key = ("range", lo, hi, total)
         else:
             self.rows = torch.as_tensor(list(rows), dtype=torch.long)
             self.count = int(self.rows.numel())
             if self.count and not (0 <= int(self.rows.min()) and int(self.rows.max()) < total):
                 raise ValueError(f"rows: replica indices must lie in [0, {total})")
             #: steppers are cached per integrator settings: the rows are part of them
-            self.rows_key = (total,) + tuple(int(r) for r in self.rows)
+            self.rows_key = ("rows", total) + tuple(int(r) for r in self.rows)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -62,7 +62,7 @@ def _load_progress(path: Path, cfg: StableConfig, model: torch.nn.Module) -> Opt
     d = torch.load(path, map_location="cpu", weights_only=False)
     if d.get("version") not in (1, EVAL_RESUME_VERSION):
         raise setup.SetupError(f"{path}: format version {d.get('version')} is not supported "
-                               f"(this code reads version {EVAL_RESUME_VERSION}); delete it to start over")
+                               f"(this code reads versions 1 to {EVAL_RESUME_VERSION}); delete it to start over")
     check_resumable(d["config"], to_dict(cfg), to_dict(StableConfig()), path)
     own = model.state_dict()
     if set(own) != set(d["model"]) or any(not torch.equal(own[k].cpu(), d["model"][k]) for k in own):
@@ -199,8 +199,7 @@ def run_evaluation(cfg: StableConfig, log=print) -> Path:
             break
         integ, ff, g = sim_run
         new, rec = simulate(integ, ff, state if sim is None else state.select(sim), cfg.steps, cfg.n_dump,
-                            cfg.eq_steps, oset.vacf_stride, g, backend=backend,
-                            planned_steps=cfg.steps * cfg.n_epochs)
+                            cfg.eq_steps, oset.vacf_stride, g, backend=backend)
         epochs_run += 1
         frames, energies, velocities = rec.frames, rec.energies, rec.velocities
         if sim is None:
