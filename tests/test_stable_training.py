@@ -1,6 +1,7 @@
 """StABlE loop end to end on tiny offline data: checkpoints, gating of learning, exact resume,
 evaluation outputs and bad input."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +80,15 @@ def test_resume_matches_uninterrupted(xtb_data_root, tiny_pretrained, tmp_path):
     model_dir, _ = tiny_pretrained
     extra = ["bond_dev_tol=0.0001", "reset_probability=0.5"]
     a = train(stable_cfg(xtb_data_root, model_dir, tmp_path / "a", extra + ["n_epochs=4"]), **QUIET)
-    train(stable_cfg(xtb_data_root, model_dir, tmp_path / "b", extra + ["n_epochs=2"]), **QUIET)
-    b = train(stable_cfg(xtb_data_root, model_dir, tmp_path / "b", extra + ["n_epochs=4"]), **QUIET)
+    first = train(stable_cfg(xtb_data_root, model_dir, tmp_path / "b", extra + ["n_epochs=2"]), **QUIET)
+    # the stopped run copied under another exp_name continues as that run
+    cont = stable_cfg(xtb_data_root, model_dir, tmp_path / "b", extra + ["n_epochs=4", "exp_name=longer"])
+    shutil.copytree(first, run_folder(cont))
+    b = train(cont, **QUIET)
+    assert b == run_folder(cont) != first
+    with pytest.raises(SetupError, match=r"other settings \(\['reset_probability'\]\)"):
+        train(stable_cfg(xtb_data_root, model_dir, tmp_path / "b", extra + ["n_epochs=4", "exp_name=longer",
+                                                                            "reset_probability=0.25"]), **QUIET)
     pa, pb = params(a / "ckpt.pt"), params(b / "ckpt.pt")
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)

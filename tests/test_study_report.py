@@ -213,6 +213,10 @@ def test_report_ablations_against_both_baselines(tmp_path):
         (copy / f).write_bytes((d / f).read_bytes())
     (dest / "results" / "ablations" / "abl_lr1e-2_training.txt").write_text(
         "variant lr1e-2: lr=0.01 (n_epochs 60); evaluated: end_of_cycle1.pt\n")
+    # a variant evaluated at the end of its last cycle (run.sh @eval=last_cycle)
+    fake_eval(out, "abl_epochs300_700K", qm * 1.2, 0, H, rng)
+    (dest / "results" / "ablations" / "abl_epochs300_training.txt").write_text(
+        "variant epochs300: n_epochs=300 @eval=last_cycle (n_epochs 60 unless set); evaluated: end_of_cycle3.pt\n")
     (ck / "ablations").mkdir(parents=True)
     base = {"w": torch.ones(3, 4), "b": torch.zeros(4), "n": torch.tensor(3)}
     torch.save({"state_dict": base}, ck / "qm_1k.pt")
@@ -221,7 +225,10 @@ def test_report_ablations_against_both_baselines(tmp_path):
     assert report.main(["--out", str(out), "--dest", str(dest), "--checkpoints", str(ck)]) == 0
     res = json.loads((dest / "results" / "results.json").read_text())
     arms = {r["model"]: r for r in res["ablations"]["700"]["arms"]}
-    assert list(arms) == ["abl_qm_1k", "abl_stable_1k_cycle1", "abl_lr1e-2"]
+    assert list(arms) == ["abl_qm_1k", "abl_stable_1k_cycle1", "abl_epochs300", "abl_lr1e-2"]
+    assert arms["abl_lr1e-2"]["label"] == "StABlE(1k), lr 1e-2, end of cycle 1"
+    assert arms["abl_epochs300"]["label"] == "StABlE(1k), paper settings, 300 epochs, end of cycle 3"
+    assert "param_move_from_qm_1k" not in arms["abl_epochs300"]  # no checkpoint
     v, paper, q = arms["abl_lr1e-2"], arms["abl_stable_1k_cycle1"], arms["abl_qm_1k"]
     assert "rmst_ratio_vs_qm_1k" not in q and "rmst_ratio_vs_paper" not in paper
     assert v["rmst_ratio_vs_qm_1k"][0] == pytest.approx(v["rmst_ps"] / q["rmst_ps"], rel=1e-4)

@@ -30,6 +30,7 @@ import argparse
 import glob
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -235,11 +236,13 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
         for arm in arms:
             r = here[arm]
             against = [(base, base_s, "qm_1k")] + ([(paper, paper_s, "paper")] if arm != ABL_BASE else [])
-            row = summary_row(arm, ablation_label(arm), r, horizon, against)
             name = arm[len("abl_"):]
             note = dest / "results" / "ablations" / f"abl_{name}_training.txt"
-            if note.is_file():
-                row["training"] = note.read_text().strip().splitlines()
+            training = note.read_text().strip().splitlines() if note.is_file() else []
+            m = re.search(r"evaluated: (\S+)", training[0]) if training else None
+            row = summary_row(arm, ablation_label(arm, m.group(1) if m else "end_of_cycle1.pt"), r, horizon, against)
+            if training:
+                row["training"] = training
             ck = {ABL_BASE: None, ABL_PAPER: ckpt / "ablations" / "stable_1k_cycle1.pt"}.get(
                 arm, ckpt / "ablations" / f"{name}.pt")
             if ck is not None and ck.is_file() and (ckpt / "qm_1k.pt").is_file():
@@ -249,9 +252,21 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
     return res, runs
 
 
-def ablation_label(arm: str) -> str:
-    return {ABL_BASE: "QM(1k)", ABL_PAPER: "StABlE(1k), paper settings, end of cycle 1"}.get(
-        arm, f"StABlE(1k) variant {arm[len('abl_'):]}, end of cycle 1")
+#: what each run.sh ABL_VARIANTS variant changes, for the tables
+VARIANT_LABELS = {"lr1e-2": "lr 1e-2", "epochs300": "paper settings, 300 epochs", "rep64": "64 replicas",
+                  "kT": "1/kT in the estimator", "tol0.5": "training tolerance 0.5 Å",
+                  "epoch2ps": "epochs of 2 ps"}
+
+
+def ablation_label(arm: str, evaluated: str = "end_of_cycle1.pt") -> str:
+    """Table label of an ablation arm; ``evaluated`` is the variant's evaluated model file
+    (its training note's "evaluated: ..."): end_of_cycle<c>.pt or ckpt.pt (the last model)."""
+    if arm in (ABL_BASE, ABL_PAPER):
+        return {ABL_BASE: "QM(1k)", ABL_PAPER: "StABlE(1k), paper settings, end of cycle 1"}[arm]
+    name = arm[len("abl_"):]
+    m = re.fullmatch(r"end_of_cycle(\d+)\.pt", evaluated)
+    when = f"end of cycle {m.group(1)}" if m else "last model (no cycle ended)"
+    return f"StABlE(1k), {VARIANT_LABELS.get(name, 'variant ' + name)}, {when}"
 
 
 def ablation_markdown(abl: dict) -> list:
@@ -259,8 +274,8 @@ def ablation_markdown(abl: dict) -> list:
         return []
     lines = ["## Ablations (seed 3001, test frames from 2000 on: not the evaluation's seeds or starts)", "",
              "Each variant is StABlE(1k) with one setting changed (run.sh `ABL_VARIANTS`), trained with the "
-             "same training seed; the model at the end of its first learning cycle is evaluated with the "
-             "evaluation protocol, next to QM(1k) and StABlE(1k)'s own end-of-cycle-1 model (the paper's "
+             "same training seed; its model at the end of a learning cycle (the first unless the label says "
+             "otherwise) is evaluated with the evaluation protocol, next to QM(1k) and StABlE(1k)'s own end-of-cycle-1 model (the paper's "
              "settings). Parameter move: L2 norm of θ − θ_QM(1k) (relative to ‖θ_QM(1k)‖).", ""]
     for temp, block in abl.items():
         lines += [f"### {temp} K (RMST horizon {block['horizon_ps']:g} ps)", "",

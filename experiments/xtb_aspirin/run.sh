@@ -23,9 +23,9 @@
 #   stable_1k (StABlE from qm_1k's best checkpoint, configs/stable_1k.yml) →
 #   pilot_<T>K (QM(1k), another seed and fewer replicas: sets the horizon at T = 500, 700 K) →
 #   eval_<model>_<T>K (configs/eval.yml: qm_1k, stable_1k, original_qm_1k, original_stable_1k at
-#   500 and 700 K, same starts and noise for all; the headline pair at the shorter-horizon temperature
-#   first, then the ablations, then the rest) → qm_10k (configs/qm_10k.yml) → eval_qm_10k_<T>K
-#   → report.
+#   500 and 700 K, same starts and noise for all; the headline pair and the variants the ablations
+#   chose at the shorter-horizon temperature first, then at the other one, then the remaining
+#   ablations, then the original's pair) → qm_10k (configs/qm_10k.yml) → eval_qm_10k_<T>K → report.
 # Interrupted? Rerun the same command: pretraining and StABlE training resume from their last
 # epoch, an evaluation from its last 1 ps epoch (eval_resume.pt).
 # Horizon (ps) at T: HORIZON_<T>K if set, else max(HORIZON_MIN, HORIZON_FACTOR x the pilot's
@@ -286,61 +286,98 @@ evaluate() { evaluate_as evals "$1" "$2" "$(ckpt_of "$1")"; }  # evaluate MODEL 
 # noise for every arm, the evaluation protocol and horizon otherwise), so the evaluation runs are
 # never used to choose anything. Models: checkpoints/ablations/; results: results/ablations/.
 ABL_T=700 ABL_SEED=3001 ABL_FRAME_OFFSET=2000 ABL_REPLICAS=${ABL_REPLICAS:-32} ABL_EPOCHS=${ABL_EPOCHS:-60}
-# NAME OVERRIDES... (one line per variant)
+# One line per variant, in the order they run: NAME OVERRIDES... [@eval=last_cycle] [@from=stable_1k]
+#   @eval=last_cycle  evaluate the model at the end of its last finished learning cycle
+#   @from=stable_1k   start from the headline run's state when out/ has it (its resume.pt: the
+#                     same run as training from scratch with the same seed, minus the time)
 ABL_VARIANTS=(
     "lr1e-2 lr=0.01"   # 10x the learning rate: cycle 1 took 24 SGD steps clipped to norm 1 (sum of lr 0.020)
+    # the paper's settings over more learning cycles (the paper: 500 epochs; the headline: 100)
+    "epochs300 n_epochs=300 @eval=last_cycle @from=stable_1k"
+    "rep64 n_replicas=64"            # replica count (the paper: 128): half the estimator noise
+    "kT boltzmann_scale_by_kT=true"  # 1/kT in the estimator (x23 on the observable gradient before clipping)
+    "tol0.5 bond_dev_tol=0.5"        # training tolerance = the evaluation's (the paper trains at 0.25 Å)
+    "epoch2ps steps=4000"            # epochs of 2 ps (twice the samples per learning epoch)
 )
-[ "$QUICK" = 1 ] && ABL_EPOCHS=4 ABL_REPLICAS=4 ABL_FRAME_OFFSET=100
+# --quick: the first two variants, each capped at ABL_EPOCHS epochs (a smoke test of the machinery)
+[ "$QUICK" = 1 ] && ABL_EPOCHS=4 ABL_REPLICAS=4 ABL_FRAME_OFFSET=100 ABL_VARIANTS=("${ABL_VARIANTS[@]:0:2}")
 ABL_CK=$CKPT/ablations ABL_EVAL=(--set "seed=$ABL_SEED" --set "init_frame_offset=$ABL_FRAME_OFFSET" --set "n_replicas=$ABL_REPLICAS")
-cycle1_model() {  # cycle1_model RUN_DIR → its end_of_cycle1.pt, else its ckpt.pt
-    if [ -f "$1/end_of_cycle1.pt" ]; then echo "$1/end_of_cycle1.pt"; else echo "$1/ckpt.pt"; fi
+cycle_model() {  # cycle_model RUN_DIR first|last → end_of_cycle1.pt or the last end_of_cycle<c>.pt, else ckpt.pt
+    local c
+    if [ "$2" = last ]; then
+        c=$(ls "$1" | sed -n 's/^end_of_cycle\([0-9]*\)\.pt$/\1/p' | sort -n | tail -n 1)
+    else
+        c=$([ -f "$1/end_of_cycle1.pt" ] && echo 1 || true)
+    fi
+    if [ -n "$c" ]; then echo "$1/end_of_cycle$c.pt"; else echo "$1/ckpt.pt"; fi
 }
-ablations() {
+variant_line() {  # variant_line NAME → its ABL_VARIANTS line
+    local v
+    for v in "${ABL_VARIANTS[@]}"; do [ "${v%% *}" = "$1" ] && { echo "$v"; return 0; }; done
+    echo "run.sh: no ablation variant '$1' in ABL_VARIANTS" >&2; return 1
+}
+train_variant() {  # train_variant NAME: StABlE training of the variant, its model exported to checkpoints/ablations/
+    local v name sets=() o which=first from="" run src cap=()
+    [ "$QUICK" = 1 ] && cap=(--set "n_epochs=$ABL_EPOCHS")
+    v=$(variant_line "$1") || exit 1
+    name=${v%% *}
+    for o in ${v#* }; do
+        case $o in
+            @eval=last_cycle) which=last ;;
+            @from=*) from=${o#@from=} ;;
+            @*) echo "run.sh: unknown variant option '$o' ($name)" >&2; exit 1 ;;
+            *) sets+=(--set "$o") ;;
+        esac
+    done
+    if [ -f "$E/resume/abl_$name/.folder" ]; then
+        restore "abl_$name" "$OUT/stable_runs/$(cat "$E/resume/abl_$name/.folder")"
+    fi
+    src=$(ls -d "$OUT"/stable_runs/schnet_aspirin_"$from"_* 2>/dev/null | head -n 1 || true)
+    if [ -n "$from" ] && [ -f "$src/resume.pt" ] && [ ! -f "$OUT/done/abl_$name" ] \
+            && ! ls -d "$OUT"/stable_runs/schnet_aspirin_abl_"$name"_* > /dev/null 2>&1; then
+        cp -rp "$src" "$OUT/stable_runs/$(basename "$src" | sed "s/_${from}_/_abl_${name}_/")"
+        echo "[$(date +%T)] abl_$name: continues $(basename "$src")"
+    fi
+    stage "abl_$name" "${ST[@]}" --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "${STABLE_Q[@]}" \
+        --set "exp_name=abl_$name" --set "n_epochs=$ABL_EPOCHS" "${sets[@]}" "${cap[@]}"
+    if [ ! -f "$ABL_CK/$name.pt" ]; then
+        run=$(ls -d "$OUT"/stable_runs/schnet_aspirin_abl_"$name"_* | head -n 1)
+        model=$(cycle_model "$run" "$which")
+        mkdir -p "$ABL_CK" "$DEST/results/ablations"
+        export_ckpt "$model" "ablations/$name"
+        { echo "variant $name: ${v#* } (n_epochs $ABL_EPOCHS unless set); evaluated: $(basename "$model")"
+          grep -E "learning cycle|end of learning" "$OUT/logs/abl_$name.log" || true
+        } > "$DEST/results/ablations/abl_${name}_training.txt"
+        rm -rf "$DEST/results/ablations/abl_${name}_tensorboard"
+        cp -r "$run/logs" "$DEST/results/ablations/abl_${name}_tensorboard"
+    fi
+}
+ablations() {  # every variant trained, then evaluated on the ablation seeds next to the two baselines
     mkdir -p "$ABL_CK" "$DEST/results/ablations"
     [ -f "$ABL_CK/stable_1k_cycle1.pt" ] || export_ckpt \
-        "$(cycle1_model "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* | head -n 1)")" ablations/stable_1k_cycle1
-    local v name sets o run model
-    for v in "${ABL_VARIANTS[@]}"; do
-        name=${v%% *} sets=()
-        for o in ${v#* }; do sets+=(--set "$o"); done
-        if [ -f "$E/resume/abl_$name/.folder" ]; then
-            restore "abl_$name" "$OUT/stable_runs/$(cat "$E/resume/abl_$name/.folder")"
-        fi
-        stage "abl_$name" "${ST[@]}" --config-yml "$CFG/stable_1k.yml" "${ST_PATHS[@]}" "${STABLE_Q[@]}" \
-            --set "exp_name=abl_$name" --set "n_epochs=$ABL_EPOCHS" "${sets[@]}"
-        if [ ! -f "$ABL_CK/$name.pt" ]; then
-            run=$(ls -d "$OUT"/stable_runs/schnet_aspirin_abl_"$name"_* | head -n 1)
-            model=$(cycle1_model "$run")
-            export_ckpt "$model" "ablations/$name"
-            { echo "variant $name: ${v#* } (n_epochs $ABL_EPOCHS); evaluated: $(basename "$model")"
-              grep -E "learning cycle|end of learning" "$OUT/logs/abl_$name.log" || true
-            } > "$DEST/results/ablations/abl_${name}_training.txt"
-            cp -r "$run/logs" "$DEST/results/ablations/abl_${name}_tensorboard"
-        fi
-    done
+        "$(cycle_model "$(ls -d "$OUT"/stable_runs/schnet_aspirin_stable_1k_* | head -n 1)" first)" ablations/stable_1k_cycle1
     evaluate_as ablations abl_qm_1k "$ABL_T" "$CKPT/qm_1k.pt" "${ABL_EVAL[@]}"
     evaluate_as ablations abl_stable_1k_cycle1 "$ABL_T" "$ABL_CK/stable_1k_cycle1.pt" "${ABL_EVAL[@]}"
+    local v
     for v in "${ABL_VARIANTS[@]}"; do
-        name=${v%% *}
-        evaluate_as ablations "abl_$name" "$ABL_T" "$ABL_CK/$name.pt" "${ABL_EVAL[@]}"
+        train_variant "${v%% *}"
+        evaluate_as ablations "abl_${v%% *}" "$ABL_T" "$ABL_CK/${v%% *}.pt" "${ABL_EVAL[@]}"
     done
 }
-# the temperature with the shorter horizon first; the headline pair (QM(1k), StABlE(1k)) at both
-# temperatures, then the original's pair, then the QM(10k) baseline, whose pretraining alone takes
-# hours (a session that stops early has the main result)
+# Order: the headline pair (QM(1k), StABlE(1k)) and the variants the ablations chose at the
+# temperature with the shorter horizon, then at the other one; then the remaining ablations, the
+# original's pair, and the QM(10k) baseline, whose pretraining alone takes hours (a session that
+# stops early has the main result)
 TEMPS=($(for T in 500 700; do echo "$(cat "$OUT/horizon_${T}K.txt") $T"; done | sort -n -k1,1 -k2,2 | cut -d' ' -f2))
-for M in qm_1k stable_1k; do evaluate "$M" "${TEMPS[0]}"; done
 # variants the ablations chose (on their own seeds), evaluated with the evaluation protocol: a
 # confirmatory test on the evaluation's seeds and starts, as model stable_1k_abl_<variant>
 ABL_CHOSEN=(lr1e-2)   # chosen 2026-12-02 from results/ablations (VALIDATION.md, "Ablations")
-if [ $SKIPABL = 0 ]; then
-    ablations
-    for v in "${ABL_CHOSEN[@]}"; do evaluate "stable_1k_abl_$v" "${TEMPS[0]}"; done
-fi
-for T in "${TEMPS[@]:1}"; do
-    for M in qm_1k stable_1k; do evaluate "$M" "$T"; done
-    if [ $SKIPABL = 0 ]; then for v in "${ABL_CHOSEN[@]}"; do evaluate "stable_1k_abl_$v" "$T"; done; fi
+[ $SKIPABL = 1 ] && ABL_CHOSEN=()
+for v in "${ABL_CHOSEN[@]}"; do train_variant "$v"; done
+for T in "${TEMPS[@]}"; do
+    for M in qm_1k stable_1k "${ABL_CHOSEN[@]/#/stable_1k_abl_}"; do evaluate "$M" "$T"; done
 done
+[ $SKIPABL = 0 ] && ablations
 for M in "${MODELS[@]}"; do
     case $M in original_*) for T in "${TEMPS[@]}"; do evaluate "$M" "$T"; done ;; esac
 done

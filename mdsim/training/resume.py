@@ -32,11 +32,12 @@ from .phases import Phase
 from .setup import SetupError
 
 RESUME_VERSION = 1
-#: config keys that may differ between the run that wrote resume.pt and the run resuming it
-#: keys that may differ when a run is resumed: the run length, display, the evaluated model, and
-#: how the MD steps run (backend, neighbour-list skin: the same dynamics to float rounding)
+#: config keys that may differ between the run that wrote resume.pt and the run resuming it: the
+#: run length, display, the evaluated model, how the MD steps run (backend, neighbour-list skin:
+#: the same dynamics to float rounding), and the run's name (a run folder copied under another
+#: exp_name continues as that run, e.g. a longer variant of a finished run)
 RESUMABLE_CHANGES = frozenset({"n_epochs", "progress", "eval_model", "md_backend", "neighbor_skin",
-                               "radial_table_spacing"})
+                               "radial_table_spacing", "exp_name"})
 
 
 def state_to_dict(s: MDState) -> dict:
