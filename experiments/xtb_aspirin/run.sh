@@ -280,7 +280,7 @@ evaluate() { evaluate_as evals "$1" "$2" "$(ckpt_of "$1")"; }  # evaluate MODEL 
 # ---- ablations: why is StABlE's effect small? Each variant is StABlE(1k) (configs/stable_1k.yml)
 # with one setting changed, trained with the same training seed (the same MD up to its first
 # learning step) for ABL_EPOCHS epochs. Its model at the end of learning cycle 1 (end_of_cycle1.pt;
-# the last model if the cycle has not ended) is evaluated at ABL_T K next to QM(1k) and StABlE(1k)'s
+# the last model if the cycle has not ended; @eval=last_cycle: its last finished cycle) is evaluated at ABL_T K next to QM(1k) and StABlE(1k)'s
 # own end-of-cycle-1 model (the paper's settings) on other seeds and start frames than the
 # evaluations' (seed ABL_SEED, test frames ABL_FRAME_OFFSET.., ABL_REPLICAS replicas; same starts and
 # noise for every arm, the evaluation protocol and horizon otherwise), so the evaluation runs are
@@ -317,7 +317,7 @@ variant_line() {  # variant_line NAME → its ABL_VARIANTS line
     echo "run.sh: no ablation variant '$1' in ABL_VARIANTS" >&2; return 1
 }
 train_variant() {  # train_variant NAME: StABlE training of the variant, its model exported to checkpoints/ablations/
-    local v name sets=() o which=first from="" run src cap=()
+    local v name sets=() o which=first from="" run src="" cap=()
     [ "$QUICK" = 1 ] && cap=(--set "n_epochs=$ABL_EPOCHS")
     v=$(variant_line "$1") || exit 1
     name=${v%% *}
@@ -332,8 +332,8 @@ train_variant() {  # train_variant NAME: StABlE training of the variant, its mod
     if [ -f "$E/resume/abl_$name/.folder" ]; then
         restore "abl_$name" "$OUT/stable_runs/$(cat "$E/resume/abl_$name/.folder")"
     fi
-    src=$(ls -d "$OUT"/stable_runs/schnet_aspirin_"$from"_* 2>/dev/null | head -n 1 || true)
-    if [ -n "$from" ] && [ -f "$src/resume.pt" ] && [ ! -f "$OUT/done/abl_$name" ] \
+    [ -n "$from" ] && src=$(ls -d "$OUT"/stable_runs/schnet_aspirin_"$from"_* 2>/dev/null | head -n 1 || true)
+    if [ -n "$src" ] && [ -f "$src/resume.pt" ] && [ ! -f "$OUT/done/abl_$name" ] \
             && ! ls -d "$OUT"/stable_runs/schnet_aspirin_abl_"$name"_* > /dev/null 2>&1; then
         cp -rp "$src" "$OUT/stable_runs/$(basename "$src" | sed "s/_${from}_/_abl_${name}_/")"
         echo "[$(date +%T)] abl_$name: continues $(basename "$src")"
