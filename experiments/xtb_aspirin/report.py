@@ -255,7 +255,8 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
 #: what each run.sh ABL_VARIANTS variant changes, for the tables
 VARIANT_LABELS = {"lr1e-2": "lr 1e-2", "epochs300": "paper settings, 300 epochs", "rep64": "64 replicas",
                   "kT": "1/kT in the estimator", "tol0.5": "training tolerance 0.5 Å",
-                  "epoch2ps": "epochs of 2 ps"}
+                  "epoch2ps": "epochs of 2 ps",
+                  "obsbonds": "lr 1e-2, bond-length observable (control: ~energy-force fine-tuning only)"}
 
 
 def ablation_label(arm: str, evaluated: str = "end_of_cycle1.pt") -> str:

@@ -294,6 +294,11 @@ ABL_VARIANTS=(
     "lr1e-2 lr=0.01"   # 10x the learning rate: cycle 1 took 24 SGD steps clipped to norm 1 (sum of lr 0.020)
     # the paper's settings over more learning cycles (the paper: 500 epochs; the headline: 100)
     "epochs300 n_epochs=300 @eval=last_cycle @from=stable_1k"
+    # is it the observable? lr1e-2 with mean bond lengths instead of the RDF. That observable's
+    # gradient is ~1/20 of the energy-force term's (4-replica smoke run), so this is in effect
+    # energy-force fine-tuning on lr1e-2's schedule; in lr1e-2 itself the RDF gradient was 0.07-1.5x
+    # the energy-force term's after the first step (results/ablations/abl_lr1e-2_tensorboard)
+    "obsbonds lr=0.01 training_observable=bond_length_dev"
     "rep64 n_replicas=64"            # replica count (the paper: 128): half the estimator noise
     "kT boltzmann_scale_by_kT=true"  # 1/kT in the estimator (x23 on the observable gradient before clipping)
     "tol0.5 bond_dev_tol=0.5"        # training tolerance = the evaluation's (the paper trains at 0.25 Å)
