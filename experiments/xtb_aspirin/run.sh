@@ -279,9 +279,10 @@ evaluate() { evaluate_as evals "$1" "$2" "$(ckpt_of "$1")"; }  # evaluate MODEL 
 
 # ---- ablations: why is StABlE's effect small? Each variant is StABlE(1k) (configs/stable_1k.yml)
 # with one setting changed, trained with the same training seed (the same MD up to its first
-# learning step) for ABL_EPOCHS epochs. Its model at the end of learning cycle 1 (end_of_cycle1.pt;
-# the last model if the cycle has not ended; @eval=last_cycle: its last finished cycle) is evaluated at ABL_T K next to QM(1k) and StABlE(1k)'s
-# own end-of-cycle-1 model (the paper's settings) on other seeds and start frames than the
+# learning step) for ABL_EPOCHS epochs (the control obsbonds: lr1e-2's settings with the observable
+# changed). Its model at the end of learning cycle 1 (end_of_cycle1.pt; the last model if the cycle
+# has not ended; @eval=last_cycle: its last finished cycle) is evaluated at ABL_T K next to QM(1k)
+# and StABlE(1k)'s own end-of-cycle-1 model (the paper's settings) on other seeds and start frames than the
 # evaluations' (seed ABL_SEED, test frames ABL_FRAME_OFFSET.., ABL_REPLICAS replicas; same starts and
 # noise for every arm, the evaluation protocol and horizon otherwise), so the evaluation runs are
 # never used to choose anything. Models: checkpoints/ablations/; results: results/ablations/.
