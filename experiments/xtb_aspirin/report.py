@@ -308,15 +308,18 @@ def ablation_markdown(abl: dict) -> list:
     return lines
 
 
-def fig_ablations(runs, fig_dir: Path):
+def fig_ablations(runs, fig_dir: Path, abl: dict):
+    """Kaplan–Meier curves of the ablation arms, labelled as in the tables (``abl``: analyse_ablations)."""
     plt = _plt()
+    labels = {(r["model"], int(t)): r["label"] for t, b in (abl or {}).items() for r in b["arms"]}
     for temp in sorted({t for _, t in runs}):
         here = {a: r for (a, t), r in runs.items() if t == temp}
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         arms = sorted(here, key=lambda a: (a != ABL_BASE, a != ABL_PAPER, a))
         for i, arm in enumerate(arms):
             c = {ABL_BASE: COLORS["qm_1k"], ABL_PAPER: COLORS["stable_1k"]}.get(arm, f"C{(i + 4) % 10}")
-            km_step(ax, here[arm], c, "-" if arm == ABL_BASE else "--", ablation_label(arm))
+            km_step(ax, here[arm], c, "-" if arm == ABL_BASE else "--",
+                    labels.get((arm, temp), ablation_label(arm)))
         _finish_km(plt, fig, ax, f"Ablations: Langevin {temp} K, seed 3001, other start frames",
                    fig_dir / f"km_ablations_{temp}K.png")
 
@@ -663,7 +666,7 @@ def main(argv=None) -> int:
         fig_hist(runs, fig_dir)
         fig_observables(runs, fig_dir)
         fig_training(sc, fig_dir)
-        fig_ablations(abl_runs, fig_dir)
+        fig_ablations(abl_runs, fig_dir, res["ablations"])
     print(md)
     return 0
 
