@@ -256,7 +256,8 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
 VARIANT_LABELS = {"lr1e-2": "lr 1e-2", "epochs300": "paper settings, 300 epochs", "rep64": "64 replicas",
                   "kT": "1/kT in the estimator", "tol0.5": "training tolerance 0.5 Å",
                   "epoch2ps": "epochs of 2 ps",
-                  "obsbonds": "lr 1e-2, bond-length observable (control: ~energy-force fine-tuning only)"}
+                  "obsbonds": "lr 1e-2, bond-length observable (control: ~energy-force fine-tuning only)",
+                  "efonly": "lr 1e-2, energy-force term only, 24 learning epochs (matched control)"}
 
 
 def ablation_label(arm: str, evaluated: str = "end_of_cycle1.pt") -> str:

@@ -300,6 +300,12 @@ ABL_VARIANTS=(
     # energy-force fine-tuning on lr1e-2's schedule; in lr1e-2 itself the RDF gradient was 0.07-1.5x
     # the energy-force term's after the first step (results/ablations/abl_lr1e-2_tensorboard)
     "obsbonds lr=0.01 training_observable=bond_length_dev"
+    # obsbonds learned for only 2 epochs (its first learning epoch left no replica unstable, which
+    # ends a cycle), so it is not matched to lr1e-2's 24. The matched control: 24 learning epochs
+    # from epoch 1 (always learning, no cycles; the plateau scheduler lowers lr on the unstable
+    # fraction as in a cycle) with the observable term weighted 1e-9, i.e. 24 clipped lr-1e-2
+    # steps of energy-force fine-tuning alone
+    "efonly lr=0.01 obs_loss_weight=1e-9 only_learn_if_unstable_threshold_reached=false n_epochs=24"
     "rep64 n_replicas=64"            # replica count (the paper: 128): half the estimator noise
     "kT boltzmann_scale_by_kT=true"  # 1/kT in the estimator (x23 on the observable gradient before clipping)
     "tol0.5 bond_dev_tol=0.5"        # training tolerance = the evaluation's (the paper trains at 0.25 Å)
