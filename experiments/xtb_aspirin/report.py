@@ -275,8 +275,8 @@ def ablation_markdown(abl: dict) -> list:
     if not abl:
         return []
     lines = ["## Ablations (seed 3001, test frames from 2000 on: not the evaluation's seeds or starts)", "",
-             "Each variant is StABlE(1k) with one setting changed (run.sh `ABL_VARIANTS`; the control `obsbonds`: "
-             "the lr 1e-2 variant with the observable changed), trained with the "
+             "Each variant is StABlE(1k) with one setting changed (run.sh `ABL_VARIANTS`; the controls `obsbonds` "
+             "and `efonly`: the lr 1e-2 variant with the observable changed, or weighted ~0), trained with the "
              "same training seed; its model at the end of a learning cycle (the first unless the label says "
              "otherwise) is evaluated with the evaluation protocol, next to QM(1k) and StABlE(1k)'s own end-of-cycle-1 model (the paper's "
              "settings). Parameter move: L2 norm of θ − θ_QM(1k) (relative to ‖θ_QM(1k)‖).", ""]
