@@ -380,7 +380,11 @@ def test_sharded_evaluation_shrinks_its_batches(two_process_runs, xtb_data_root,
     for f in ("replicas_stable_time.npy", "replicas_stable.npy"):
         np.testing.assert_array_equal(np.load(b / f), np.load(a / f), err_msg=f)
     ta, tb = np.load(a / "full_traj.npy"), np.load(b / "full_traj.npy")
-    assert np.abs(ta[stable] - tb[stable]).max() < 1e-3
+    # a different batch composition changes float rounding (~1e-7 Å), which the chaotic MD
+    # amplifies ~2x per frame; a replica given another's state or noise jumps instead
+    d = np.abs(ta[stable] - tb[stable]).max(axis=(0, 2, 3))
+    assert d[0] < 1e-5 and d.max() < 1e-2, d
+    assert (d[1:] <= 10 * d[:-1] + 1e-5).all(), d
     # both ranks shrank: some of each rank's flagged replicas were not simulated in the last epoch
     gone = np.isnan(tb[:, -1]).all(axis=(1, 2))
     assert gone[:4].any() and gone[4:].any() and not gone[stable].any(), gone
