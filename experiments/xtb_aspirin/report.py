@@ -310,19 +310,26 @@ def ablation_markdown(abl: dict) -> list:
 
 
 def fig_ablations(runs, fig_dir: Path, abl: dict):
-    """Kaplan–Meier curves of the ablation arms, labelled as in the tables (``abl``: analyse_ablations)."""
+    """Kaplan–Meier curves of the ablation arms, labelled as in the tables (``abl``: analyse_ablations);
+    95 % bands for the two reference arms only (QM(1k) and the paper settings), a fixed colour per
+    variant."""
     plt = _plt()
     labels = {(r["model"], int(t)): r["label"] for t, b in (abl or {}).items() for r in b["arms"]}
+    order = list(VARIANT_LABELS)
     for temp in sorted({t for _, t in runs}):
         here = {a: r for (a, t), r in runs.items() if t == temp}
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fig, ax = plt.subplots(figsize=(7.5, 4.2 + 0.17 * len(here)))
         arms = sorted(here, key=lambda a: (a != ABL_BASE, a != ABL_PAPER, a))
-        for i, arm in enumerate(arms):
-            c = {ABL_BASE: COLORS["qm_1k"], ABL_PAPER: COLORS["stable_1k"]}.get(arm, f"C{(i + 4) % 10}")
-            km_step(ax, here[arm], c, "-" if arm == ABL_BASE else "--",
-                    labels.get((arm, temp), ablation_label(arm)))
-        _finish_km(plt, fig, ax, f"Ablations: Langevin {temp} K, seed 3001, other start frames",
-                   fig_dir / f"km_ablations_{temp}K.png")
+        for arm in arms:
+            name = arm[len("abl_"):]
+            k = order.index(name) if name in order else len(order) + arms.index(arm)
+            c = {ABL_BASE: COLORS["qm_1k"], ABL_PAPER: COLORS["stable_1k"]}.get(arm, f"C{(k + 4) % 10}")
+            ref = arm in (ABL_BASE, ABL_PAPER)
+            km_step(ax, here[arm], c, "-" if ref else "--", labels.get((arm, temp), ablation_label(arm)),
+                    band=ref)
+        _finish_km(plt, fig, ax, f"Ablations: Langevin {temp} K, seed 3001, other start frames "
+                   "(bands: 95 % CI of the two reference arms)", fig_dir / f"km_ablations_{temp}K.png",
+                   legend_below=True)
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -480,23 +487,27 @@ def by_temperature(runs):
             yield temp, here
 
 
-def _finish(plt, fig, ax, title, path):
+def _finish(plt, fig, ax, title, path, legend_below=False):
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if legend_below:  # many or long labels: one column under the axes
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def _finish_km(plt, fig, ax, title, path):
+def _finish_km(plt, fig, ax, title, path, legend_below=False):
     ax.set_xlabel("time (ps)")
     ax.set_ylabel("fraction of replicas still stable (Kaplan–Meier)")
     ax.set_ylim(-0.02, 1.02)
-    _finish(plt, fig, ax, title, path)
+    _finish(plt, fig, ax, title, path, legend_below)
 
 
-def km_step(ax, r, c, ls, label):
-    """Kaplan–Meier curve of run ``r`` with its 95 % band and a tick where the censored replicas end."""
+def km_step(ax, r, c, ls, label, band=True):
+    """Kaplan–Meier curve of run ``r`` with its 95 % band (``band``) and a tick where the censored
+    replicas end."""
     km = stats.kaplan_meier(r["times"], r["events"])
     lo, hi = km.confidence_band()
     x = np.concatenate([[0.0], km.times, [r["horizon"]]])
@@ -504,7 +515,8 @@ def km_step(ax, r, c, ls, label):
     ylo = np.concatenate([[1.0], lo, [lo[-1] if lo.size else 1.0]])
     yhi = np.concatenate([[1.0], hi, [hi[-1] if hi.size else 1.0]])
     ax.step(x, y, where="post", color=c, lw=1.6, ls=ls, label=f"{label} (n={r['n']}, {r['n_stable']} censored)")
-    ax.fill_between(x, ylo, yhi, step="post", color=c, alpha=0.15, lw=0)
+    if band:
+        ax.fill_between(x, ylo, yhi, step="post", color=c, alpha=0.15, lw=0)
     if (~r["events"]).any():
         ax.plot([r["simulated"]], [km(r["simulated"])], "|", color=c, ms=10)
 
