@@ -231,7 +231,7 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
         base, paper = here.get(ABL_BASE), here.get(ABL_PAPER)
         base_s = survival_summary(base, horizon) if base else None
         paper_s = survival_summary(paper, horizon) if paper else None
-        arms = sorted(here, key=lambda a: (a != ABL_BASE, a != ABL_PAPER, a))
+        arms = sorted(here, key=arm_order)
         rows = []
         for arm in arms:
             r = here[arm]
@@ -250,6 +250,17 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
             rows.append(row)
         res[str(temp)] = {"horizon_ps": horizon, "arms": rows}
     return res, runs
+
+
+#: run.sh's ABL_VARIANTS order (the order they ran), for the tables and legends
+ABL_RUN_ORDER = ["lr1e-2", "epochs300", "obsbonds", "efonly", "rep64", "kT", "tol0.5", "epoch2ps"]
+
+
+def arm_order(arm):
+    """Sort key: QM(1k), the paper-settings model, then the variants in run order, others by name."""
+    name = arm[len("abl_"):]
+    known = name in ABL_RUN_ORDER
+    return (arm != ABL_BASE, arm != ABL_PAPER, not known, ABL_RUN_ORDER.index(name) if known else 0, arm)
 
 
 #: what each run.sh ABL_VARIANTS variant changes, for the tables
@@ -319,7 +330,7 @@ def fig_ablations(runs, fig_dir: Path, abl: dict):
     for temp in sorted({t for _, t in runs}):
         here = {a: r for (a, t), r in runs.items() if t == temp}
         fig, ax = plt.subplots(figsize=(7.5, 4.2 + 0.17 * len(here)))
-        arms = sorted(here, key=lambda a: (a != ABL_BASE, a != ABL_PAPER, a))
+        arms = sorted(here, key=arm_order)
         for arm in arms:
             name = arm[len("abl_"):]
             k = order.index(name) if name in order else len(order) + arms.index(arm)
