@@ -225,7 +225,8 @@ def test_report_ablations_against_both_baselines(tmp_path):
     assert report.main(["--out", str(out), "--dest", str(dest), "--checkpoints", str(ck)]) == 0
     res = json.loads((dest / "results" / "results.json").read_text())
     arms = {r["model"]: r for r in res["ablations"]["700"]["arms"]}
-    assert list(arms) == ["abl_qm_1k", "abl_stable_1k_cycle1", "abl_epochs300", "abl_lr1e-2"]
+    # the two references first, then the variants in run.sh's order (lr1e-2 ran before epochs300)
+    assert list(arms) == ["abl_qm_1k", "abl_stable_1k_cycle1", "abl_lr1e-2", "abl_epochs300"]
     assert arms["abl_lr1e-2"]["label"] == "StABlE(1k), lr 1e-2, end of cycle 1"
     assert arms["abl_epochs300"]["label"] == "StABlE(1k), paper settings, 300 epochs, end of cycle 3"
     assert "param_move_from_qm_1k" not in arms["abl_epochs300"]  # no checkpoint
