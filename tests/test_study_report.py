@@ -241,3 +241,33 @@ def test_report_ablations_against_both_baselines(tmp_path):
     md = (dest / "results" / "results.md").read_text()
     assert "## Ablations" in md and "variant lr1e-2" in md
     assert (dest / "figures" / "km_ablations_700K.png").stat().st_size > 1000
+
+
+def test_report_compares_the_original_stable_model_with_its_own_start(tmp_path):
+    """The original's StABlE checkpoint is compared with the original's QM checkpoint (its own
+    starting point) as well as with QM(1k); hazard ratios agree with mdsim.stats on the same data."""
+    report = _load("report")
+    rng = np.random.default_rng(3)
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    H = 20
+    qm = np.round(rng.exponential(4.0, 32) / 0.05).clip(1, 399) * 0.05
+    oq = np.round(rng.exponential(8.0, 32) / 0.05).clip(1, 399) * 0.05
+    os_ = np.concatenate([np.full(24, float(H)), np.round(rng.uniform(1, 19, 8) / 0.05) * 0.05])
+    fake_eval(out, "qm_1k_500K", qm, 0, H, rng)
+    fake_eval(out, "original_qm_1k_500K", oq, int((oq >= H).sum()), H, rng)
+    fake_eval(out, "original_stable_1k_500K", os_, 24, H, rng)
+    assert report.main(["--out", str(out), "--dest", str(dest)]) == 0
+    res = json.loads((dest / "results" / "results.json").read_text())
+    rows = {r["model"]: r for r in res["temperatures"]["500"]["models"]}
+    s = rows["original_stable_1k"]
+    e_os = stats.censored_at_horizon(os_, H, 24)
+    e_oq = stats.censored_at_horizon(oq, H, int((oq >= H).sum()))
+    hr = stats.hazard_ratio(oq, e_oq, os_, e_os)
+    assert s["hazard_ratio_vs_own_start"] == pytest.approx([hr.estimate, hr.lower, hr.upper], rel=1e-4)
+    assert s["hazard_ratio_vs_own_start"][2] < 1  # clearly lower hazard than its start
+    hq = stats.hazard_ratio(qm, None, os_, e_os)
+    assert s["hazard_ratio_vs_qm_1k"][0] == pytest.approx(hq.estimate, rel=1e-4)
+    assert len(s["hazard_ratio_halves_vs_own_start"]) == 2
+    assert "own_start" not in str(rows["original_qm_1k"].keys())  # the QM model has no own start
+    md = (dest / "results" / "results.md").read_text()
+    assert "against its own starting point, original QM(1k)" in md and "Proportional-hazards check" in md
