@@ -232,13 +232,15 @@ def ablation_runs(out: Path, dest: Path) -> dict:
 
 
 def param_distance(a: Path, b: Path):
-    """L2 norm of the parameter difference between two checkpoints, and relative to ``b``'s norm."""
-    import torch
-    sa = torch.load(a, map_location="cpu", weights_only=False)["state_dict"]
-    sb = torch.load(b, map_location="cpu", weights_only=False)["state_dict"]
-    keys = [k for k in sb if k in sa and torch.is_floating_point(sb[k]) and sa[k].shape == sb[k].shape]
-    d = math.sqrt(sum(float((sa[k].double() - sb[k].double()).pow(2).sum()) for k in keys))
-    n = math.sqrt(sum(float(sb[k].double().pow(2).sum()) for k in keys))
+    """L2 norm of the difference of the trainable parameters of two checkpoints (buffers such as
+    the energy normalisation excluded), and relative to ``b``'s parameter norm."""
+    from mdsim.models.checkpoint import load_model
+    pa = dict(load_model(a)[0].named_parameters())
+    pb = dict(load_model(b)[0].named_parameters())
+    if pa.keys() != pb.keys() or any(pa[k].shape != pb[k].shape for k in pb):
+        raise ValueError(f"{a} and {b} hold different architectures")
+    d = math.sqrt(sum(float((pa[k].detach().double() - pb[k].detach().double()).pow(2).sum()) for k in pb))
+    n = math.sqrt(sum(float(pb[k].detach().double().pow(2).sum()) for k in pb))
     return d, d / n if n else None
 
 
@@ -272,6 +274,23 @@ def analyse_ablations(out: Path, dest: Path, ckpt: Path):
             rows.append(row)
         res[str(temp)] = {"horizon_ps": horizon, "arms": rows}
     return res, runs
+
+
+def param_moves(out: Path, dest: Path, ckpt: Path) -> dict:
+    """How far each StABlE model moved from its own starting point: {model: [L2, L2 / |start|]},
+    from the checkpoints where present (the original's are under out/original, which run.sh
+    copies from --original), else from the copy saved in ``<dest>/results/param_moves.json``."""
+    pairs = {"stable_1k": (ckpt / "stable_1k.pt", ckpt / "qm_1k.pt"),
+             "stable_1k_abl_lr1e-2": (ckpt / "ablations" / "lr1e-2.pt", ckpt / "qm_1k.pt"),
+             "original_stable_1k": (out / "original" / "original_stable_1k.pt", out / "original" / "original_qm_1k.pt")}
+    cache = dest / "results" / "param_moves.json"
+    moves = json.loads(cache.read_text()) if cache.is_file() else {}
+    for key, (a, b) in pairs.items():
+        if a.is_file() and b.is_file():
+            moves[key] = [float(f"{x:.4g}") for x in param_distance(a, b)]
+    if moves:
+        cache.write_text(json.dumps(moves, indent=1) + "\n")
+    return moves
 
 
 #: run.sh's ABL_VARIANTS order (the order they ran), for the tables and legends
@@ -316,8 +335,8 @@ def ablation_markdown(abl: dict) -> list:
     for temp, block in abl.items():
         lines += [f"### {temp} K (RMST horizon {block['horizon_ps']:g} ps)", "",
                   "| arm | replicas | stable to horizon | KM median (ps) [95 % CI] | RMST (ps) [95 % CI] "
-                  "| RMST ratio vs QM(1k) | log-rank p vs QM(1k) | RMST ratio vs paper settings "
-                  "| log-rank p vs paper | force MAE (eV/Å) | RDF MAE | parameter move |", "|" + "---|" * 12]
+                  "| RMST ratio vs QM(1k) | hazard ratio vs QM(1k) | log-rank p vs QM(1k) | RMST ratio vs paper settings "
+                  "| log-rank p vs paper | force MAE (eV/Å) | RDF MAE | parameter move |", "|" + "---|" * 13]
         for r in block["arms"]:
             def ratio(k):
                 x = r.get(f"rmst_ratio_vs_{k}")
@@ -331,7 +350,7 @@ def ablation_markdown(abl: dict) -> list:
             lines.append("| " + " | ".join([
                 r["label"], str(r["n_replicas"]), f"{r['stable_to_horizon']}/{r['n_replicas']}",
                 _ci(r["km_median_ps"], r["km_median_ci_ps"]), _ci(r["rmst_ps"], r["rmst_ci_ps"]),
-                ratio("qm_1k"), p("qm_1k"), ratio("paper"), p("paper"), _f(r["force_mae_eV_A"]),
+                ratio("qm_1k"), _hr(r.get("hazard_ratio_vs_qm_1k")), p("qm_1k"), ratio("paper"), p("paper"), _f(r["force_mae_eV_A"]),
                 "n/a" if mu is None else f"{_f(mu)} ± {_f(sd)}",
                 f"{mv[0]:.3g} ({mv[1]:.2g})" if mv else "—"]) + " |")
         lines.append("")
@@ -444,6 +463,13 @@ def markdown(res: dict) -> str:
             paired = (f", paired longer/shorter {pr['b_longer']}/{pr['b_shorter']} ({_f(pr['p'], 2)})" if pr else "")
             lines += [f"{r['label']} against its own starting point, {labels[OWN_START[r['model']]]}: RMST ratio "
                       f"{_ci(ratio[0], ratio[1:]) if ratio else '—'}, hazard ratio {_hr(hr)} (first / second half of the horizon {_hr(halves[0])} / {_hr(halves[1])}), log-rank p {_f(lrk['p'], 2)}{paired}.", ""]
+    if res.get("param_moves"):
+        labels = dict(MODELS)
+        start = {k: labels[OWN_START.get(k, BASELINE)] for k in res["param_moves"]}
+        lines += ["Parameter move of each StABlE model from its own starting point (L2 norm of the difference; "
+                  "relative to the start's norm): " + "; ".join(
+                      f"{labels.get(k, k)} from {start[k]} {_f(d)} ({_f(rel, 2)})" for k, (d, rel) in res["param_moves"].items())
+                  + ".", ""]
     lines += ablation_markdown(res.get("ablations"))
     if res["not_run"]:
         lines += ["Not run yet: " + ", ".join(res["not_run"]) + ".", ""]
@@ -726,6 +752,7 @@ def main(argv=None) -> int:
     res["pretraining"] = pretraining(dest)
     res["ablations"], abl_runs = analyse_ablations(out, dest, Path(a.checkpoints) if a.checkpoints
                                                    else dest / "checkpoints")
+    res["param_moves"] = param_moves(out, dest, Path(a.checkpoints) if a.checkpoints else dest / "checkpoints")
     for (key, temp), r in runs.items():
         res.setdefault("folders", {})[f"{key}_{temp}K"] = str(r["dir"])
     md = markdown(res)
