@@ -218,9 +218,19 @@ def test_report_ablations_against_both_baselines(tmp_path):
     (dest / "results" / "ablations" / "abl_epochs300_training.txt").write_text(
         "variant epochs300: n_epochs=300 @eval=last_cycle (n_epochs 60 unless set); evaluated: end_of_cycle3.pt\n")
     (ck / "ablations").mkdir(parents=True)
-    base = {"w": torch.ones(3, 4), "b": torch.zeros(4), "n": torch.tensor(3)}
-    torch.save({"state_dict": base}, ck / "qm_1k.pt")
-    torch.save({"state_dict": {**base, "w": base["w"] + 0.5}}, ck / "ablations" / "lr1e-2.pt")
+    from mdsim.models import build_model, save_checkpoint
+    torch.manual_seed(0)
+    model = build_model("schnet", hidden_channels=8, num_filters=8, num_interactions=2, num_gaussians=6, cutoff=3.0)
+    model.set_normalization(mean=-50.0, std=2.0)
+    save_checkpoint(ck / "qm_1k.pt", model)
+    params = list(model.parameters())  # each tensor once, although SchNet shares its filter network
+    n_par = sum(t.numel() for t in params)
+    norm = float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in params)))
+    with torch.no_grad():
+        for t in params:
+            t.add_(0.5)
+    model.set_normalization(mean=-900.0, std=7.0)  # buffers: not part of the move
+    save_checkpoint(ck / "ablations" / "lr1e-2.pt", model)
 
     assert report.main(["--out", str(out), "--dest", str(dest), "--checkpoints", str(ck)]) == 0
     res = json.loads((dest / "results" / "results.json").read_text())
@@ -235,8 +245,9 @@ def test_report_ablations_against_both_baselines(tmp_path):
     assert v["rmst_ratio_vs_qm_1k"][0] == pytest.approx(v["rmst_ps"] / q["rmst_ps"], rel=1e-4)
     assert v["rmst_ratio_vs_paper"][0] == pytest.approx(v["rmst_ps"] / paper["rmst_ps"], rel=1e-4)
     assert v["logrank_vs_paper"]["p"] < 1e-3 and v["paired_sign_test_vs_qm_1k"]["b_longer"] >= 16
-    # ||0.5 * ones(3, 4)|| = sqrt(12) / 2, relative to ||ones(3, 4)|| = sqrt(12); integers ignored
-    assert v["param_move_from_qm_1k"] == pytest.approx([12 ** 0.5 / 2, 0.5], rel=1e-6)
+    # every trainable parameter moved by 0.5, counted once; the normalisation buffers ignored
+    move = 0.5 * n_par ** 0.5
+    assert v["param_move_from_qm_1k"] == pytest.approx([move, move / norm], rel=1e-6)
     assert v["training"][0].startswith("variant lr1e-2")
     md = (dest / "results" / "results.md").read_text()
     assert "## Ablations" in md and "variant lr1e-2" in md
