@@ -252,6 +252,7 @@ def test_report_ablations_against_both_baselines(tmp_path):
     md = (dest / "results" / "results.md").read_text()
     assert "## Ablations" in md and "variant lr1e-2" in md
     assert (dest / "figures" / "km_ablations_700K.png").stat().st_size > 1000
+    assert (dest / "figures" / "move_vs_hazard.png").stat().st_size > 1000  # lr1e-2: a move and a hazard ratio
 
 
 def test_report_compares_the_original_stable_model_with_its_own_start(tmp_path):

@@ -294,7 +294,8 @@ def param_moves(out: Path, dest: Path, ckpt: Path) -> dict:
 
 
 #: run.sh's ABL_VARIANTS order (the order they ran), for the tables and legends
-ABL_RUN_ORDER = ["lr1e-2", "epochs300", "obsbonds", "efonly", "rep64", "kT", "tol0.5", "epoch2ps"]
+ABL_RUN_ORDER = ["lr1e-2", "epochs300", "obsbonds", "efonly", "rep64", "kT", "tol0.5", "epoch2ps",
+                 "lr1e-2x300", "rep128"]
 
 
 def arm_order(arm):
@@ -307,7 +308,7 @@ def arm_order(arm):
 #: what each run.sh ABL_VARIANTS variant changes, for the tables
 VARIANT_LABELS = {"lr1e-2": "lr 1e-2", "epochs300": "paper settings, 300 epochs", "rep64": "64 replicas",
                   "kT": "1/kT in the estimator", "tol0.5": "training tolerance 0.5 Å",
-                  "epoch2ps": "epochs of 2 ps",
+                  "epoch2ps": "epochs of 2 ps", "lr1e-2x300": "lr 1e-2, 300 epochs", "rep128": "128 replicas",
                   "obsbonds": "lr 1e-2, bond-length observable (control: ~energy-force fine-tuning only)",
                   "efonly": "lr 1e-2, energy-force term only, 24 learning epochs (matched control)"}
 
@@ -367,7 +368,8 @@ def fig_ablations(runs, fig_dir: Path, abl: dict):
     variant."""
     plt = _plt()
     labels = {(r["model"], int(t)): r["label"] for t, b in (abl or {}).items() for r in b["arms"]}
-    order = list(VARIANT_LABELS)
+    order = ABL_RUN_ORDER + [v for v in VARIANT_LABELS if v not in ABL_RUN_ORDER]
+    palette = [f"C{i}" for i in (0, 1, 4, 5, 6, 7, 8, 9)]  # C2, C3: the reference arms
     for temp in sorted({t for _, t in runs}):
         here = {a: r for (a, t), r in runs.items() if t == temp}
         fig, ax = plt.subplots(figsize=(7.5, 4.2 + 0.17 * len(here)))
@@ -375,13 +377,48 @@ def fig_ablations(runs, fig_dir: Path, abl: dict):
         for arm in arms:
             name = arm[len("abl_"):]
             k = order.index(name) if name in order else len(order) + arms.index(arm)
-            c = {ABL_BASE: COLORS["qm_1k"], ABL_PAPER: COLORS["stable_1k"]}.get(arm, f"C{(k + 4) % 10}")
+            c = {ABL_BASE: COLORS["qm_1k"], ABL_PAPER: COLORS["stable_1k"]}.get(arm, palette[k % len(palette)])
             ref = arm in (ABL_BASE, ABL_PAPER)
-            km_step(ax, here[arm], c, "-" if ref else "--", labels.get((arm, temp), ablation_label(arm)),
-                    band=ref)
+            ls = "-" if ref else ("--" if k < len(palette) else ":")
+            km_step(ax, here[arm], c, ls, labels.get((arm, temp), ablation_label(arm)), band=ref)
         _finish_km(plt, fig, ax, f"Ablations: Langevin {temp} K, seed 3001, other start frames "
                    "(bands: 95 % CI of the two reference arms)", fig_dir / f"km_ablations_{temp}K.png",
                    legend_below=True)
+
+
+def fig_move_vs_hazard(res: dict, fig_dir: Path):
+    """Hazard ratio against the QM model each StABlE model started from, versus how far training
+    moved its parameters from that start (log-log): the ablation arms (ablation seeds, 700 K) and
+    the evaluated StABlE models (evaluation seeds, each temperature), the original's included."""
+    pts = []  # (move, [hr, lo, hi], label, marker, colour)
+    for t, block in (res.get("ablations") or {}).items():
+        for r in block["arms"]:
+            mv, hr = r.get("param_move_from_qm_1k"), r.get("hazard_ratio_vs_qm_1k")
+            if mv and hr and hr[0] > 0 and math.isfinite(hr[0]):
+                pts.append((mv[0], hr, r["label"].replace("StABlE(1k), ", ""), "o", "0.55"))
+    moves = res.get("param_moves") or {}
+    for temp, block in res["temperatures"].items():
+        for r in block["models"]:
+            key = r["model"]
+            hr = r.get("hazard_ratio_vs_own_start") or r.get("hazard_ratio_vs_qm_1k")
+            if key in moves and r["status"] == "done" and hr and hr[0] > 0 and math.isfinite(hr[0]):
+                mk = "s" if temp == "500" else "^"
+                pts.append((moves[key][0], hr, f"{r['label']}, {temp} K", mk, COLORS.get(key, "k")))
+    if not pts:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for mv, (h, lo, hi), label, mk, c in pts:
+        ax.errorbar([mv], [h], yerr=[[h - lo], [hi - h]], fmt=mk, color=c, ms=6, capsize=2, lw=1,
+                    label=label if mk != "o" else None)
+    ax.plot([], [], "o", color="0.55", label="ablation arms (700 K, ablation seeds)")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameter move from the QM start (L2 norm of the trainable parameters)")
+    ax.set_ylabel("hazard ratio vs the QM start (95 % CI)")
+    _finish(plt, fig, ax, "Stability gain vs how far StABlE training moved the model",
+            fig_dir / "move_vs_hazard.png", legend_below=True)
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -766,6 +803,7 @@ def main(argv=None) -> int:
         fig_observables(runs, fig_dir)
         fig_training(sc, fig_dir)
         fig_ablations(abl_runs, fig_dir, res["ablations"])
+        fig_move_vs_hazard(res, fig_dir)
     print(md)
     return 0
 
