@@ -68,3 +68,31 @@ def test_evaluation_config_of_a_pipeline():
     assert (e.train, e.eval_model, e.pipeline, e.integrator, e.n_epochs) == (False, "post_cycle1", None,
                                                                             "Langevin", 7)
     assert (e.lr, e.exp_name, e.timestep) == (cfg.lr, cfg.exp_name, cfg.timestep)  # same run folder
+
+
+def test_print_table_survival_lines(tmp_path):
+    """The comparison table counts censored replicas and gives the log-rank p and the hazard
+    ratio of the second model against the first, as mdsim.stats computes them."""
+    import numpy as np
+
+    from mdsim import stats
+    from mdsim.training.pipeline import print_table
+    rng = np.random.default_rng(0)
+    res = {}
+    for name, scale in (("pre", 2.0), ("post", 8.0)):
+        d = tmp_path / name
+        d.mkdir()
+        t = rng.exponential(scale, 40)
+        stable = t > 10
+        np.save(d / "replicas_stable_time.npy", np.minimum(t, 10))
+        np.save(d / "replicas_stable.npy", stable)
+        res[name] = {"folder": str(d), "Mean Stability (ps)": float(np.minimum(t, 10).mean())}
+    lines = []
+    print_table(res, log=lines.append)
+    text = "\n".join(lines)
+    a, b = (np.load(tmp_path / n / "replicas_stable_time.npy") for n in ("pre", "post"))
+    ea, eb = (~np.load(tmp_path / n / "replicas_stable.npy") for n in ("pre", "post"))
+    hr = stats.hazard_ratio(a, ea, b, eb)
+    assert f"hazard ratio post / pre: {hr.estimate:.3g}" in text and hr.upper < 1
+    assert f"p = {stats.logrank_test(a, ea, b, eb).pvalue:.3g}" in text
+    assert f"{int((~eb).sum())}/40" in text

@@ -174,6 +174,10 @@ def print_table(results: dict, log=print) -> None:
             a, b = surv[names[0]], surv[names[1]]
             p = stats.logrank_test(a["times"], a["events"], b["times"], b["events"]).pvalue
             lines.append(f"log-rank test {names[0]} vs {names[1]}: p = {p:.3g}")
+            if a["events"].any() or b["events"].any():
+                hr = stats.hazard_ratio(a["times"], a["events"], b["times"], b["events"])
+                lines.append(f"hazard ratio {names[1]} / {names[0]}: {hr.estimate:.3g} "
+                             f"[{hr.lower:.3g}, {hr.upper:.3g}] (< 1: {names[1]} goes unstable less often)")
     except (OSError, KeyError):
         pass
     lines.append("")
