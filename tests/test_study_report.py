@@ -283,3 +283,42 @@ def test_report_compares_the_original_stable_model_with_its_own_start(tmp_path):
     assert "own_start" not in str(rows["original_qm_1k"].keys())  # the QM model has no own start
     md = (dest / "results" / "results.md").read_text()
     assert "against its own starting point, original QM(1k)" in md and "Proportional-hazards check" in md
+
+
+def test_failure_modes_first_bond_beyond_tolerance(tmp_path):
+    """failure_modes.py finds, per unstable replica, the first saved frame with a bond beyond the
+    tolerance and that bond's type; censored replicas are skipped; the frame agrees with the
+    recorded stability time."""
+    from mdsim.data.format import SplitData, save_split, split_dir
+    fm = _load("failure_modes")
+    rng = np.random.default_rng(0)
+    # C–O–H plus one C–H: bonds C0–O1 (1.43 Å), O1–H2 (0.96 Å), C0–H3 (1.09 Å)
+    base = np.array([[0.0, 0, 0], [1.43, 0, 0], [1.75, 0.9, 0], [-0.4, 1.0, 0.1]])
+    R = base + 0.01 * rng.standard_normal((20, 4, 3))
+    src = tmp_path / "data"
+    save_split(split_dir(src, "toy", "mol", "1k", "train"),
+               SplitData(R=R, z=[6, 8, 1, 1], E=np.zeros(20), F=np.zeros((20, 4, 3)), fid=np.arange(20)))
+    d = tmp_path / "out" / "evals" / "schnet_mol_x_700K_lr=0.001_efweight=10" / "inference" / "pre"
+    d.mkdir(parents=True)
+    F = 40
+    traj = np.repeat(base[None, None], 3, axis=0).repeat(F, axis=1).copy()  # (R=3, F, N, 3)
+    traj[0, 10:, 2] += [1.0, 0.0, 0.0]   # replica 0: O–H stretched by ~0.65 Å from frame 10
+    traj[1, 25:, 1] += [0.7, 0.0, 0.0]   # replica 1: C–O (and O–H less) from frame 25
+    np.save(d / "full_traj.npy", traj.astype(np.float32))
+    dt = 0.5 * 100 / 1000
+    np.save(d / "replicas_stable_time.npy", np.array([10 * dt, 25 * dt, F * dt]))
+    np.save(d / "replicas_stable.npy", np.array([False, False, True]))
+    (d / "simulate_config.yml").write_text(yaml.safe_dump({
+        "src": str(src), "name": "toy", "molecule": "mol", "size": "1k", "exp_name": "x_700K",
+        "bond_dev_tol": 0.5, "timestep": 0.5, "n_dump": 100}))
+    assert fm.main(["--out", str(tmp_path / "out"), "--dest", str(tmp_path / "dest")]) == 0
+    r = json.loads((tmp_path / "dest" / "results" / "failure_modes.json").read_text())["x_700K"]
+    assert r["failed"] == 2 and r["by_type"] == {"O–H": 1, "C–O": 1}
+    assert r["first_frame_agrees_with_stability_time"] == 2
+    assert set(r["top_bonds"]) == {"O–H 1-2", "C–O 0-1"}
+    # entries outlive out/: a second run without trajectories keeps them
+    import shutil
+    shutil.rmtree(tmp_path / "out" / "evals")
+    (tmp_path / "out" / "evals").mkdir()
+    assert fm.main(["--out", str(tmp_path / "out"), "--dest", str(tmp_path / "dest")]) == 0
+    assert "x_700K" in (tmp_path / "dest" / "results" / "failure_modes.md").read_text()

@@ -422,7 +422,10 @@ if [ $SKIPABL = 0 ] && [ $QUICK = 0 ]; then
 fi
 
 printf 'total\t%s\t%s\n' "$SECONDS" "$(date -Is)" >> "$TIMES"
-stage_report() { python "$E/report.py" --out "$OUT" --dest "$DEST" --checkpoints "$CKPT"; }
+stage_report() {
+    python "$E/report.py" --out "$OUT" --dest "$DEST" --checkpoints "$CKPT" &&
+    python "$E/failure_modes.py" --out "$OUT" --dest "$DEST" > /dev/null
+}
 rm -f "$OUT/done/report"; stage report stage_report
 cat "$DEST/results/results.md"
 if [ $QUICK = 0 ]; then
