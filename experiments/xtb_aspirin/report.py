@@ -295,7 +295,7 @@ def param_moves(out: Path, dest: Path, ckpt: Path) -> dict:
 
 #: run.sh's ABL_VARIANTS order (the order they ran), for the tables and legends
 ABL_RUN_ORDER = ["lr1e-2", "epochs300", "obsbonds", "efonly", "rep64", "kT", "tol0.5", "epoch2ps",
-                 "lr1e-2x300", "rep128"]
+                 "lr1e-2long", "rep128"]
 
 
 def arm_order(arm):
@@ -308,7 +308,7 @@ def arm_order(arm):
 #: what each run.sh ABL_VARIANTS variant changes, for the tables
 VARIANT_LABELS = {"lr1e-2": "lr 1e-2", "epochs300": "paper settings, 300 epochs", "rep64": "64 replicas",
                   "kT": "1/kT in the estimator", "tol0.5": "training tolerance 0.5 Å",
-                  "epoch2ps": "epochs of 2 ps", "lr1e-2x300": "lr 1e-2, 300 epochs", "rep128": "128 replicas",
+                  "epoch2ps": "epochs of 2 ps", "lr1e-2long": "lr 1e-2, 200 epochs", "rep128": "128 replicas",
                   "obsbonds": "lr 1e-2, bond-length observable (control: ~energy-force fine-tuning only)",
                   "efonly": "lr 1e-2, energy-force term only, 24 learning epochs (matched control)"}
 

@@ -27,7 +27,7 @@
 #   chose at the shorter-horizon temperature first, then at the other one, then the original's
 #   pair at the shorter horizon, the remaining ablations, the original's pair at the other
 #   temperature) → qm_10k (configs/qm_10k.yml) → eval_qm_10k_<T>K → the ablations added later
-#   (lr1e-2x300, rep128) → report.
+#   (lr1e-2long, rep128) → report.
 # Interrupted? Rerun the same command: pretraining and StABlE training resume from their last
 # epoch, an evaluation from its last 1 ps epoch (eval_resume.pt).
 # Horizon (ps) at T: HORIZON_<T>K if set, else max(HORIZON_MIN, HORIZON_FACTOR x the pilot's
@@ -415,8 +415,8 @@ fi
 # replicas, move further and gain more? Run after QM(10k) so that the baseline comes first.
 if [ $SKIPABL = 0 ] && [ $QUICK = 0 ]; then
     ABL_VARIANTS+=(
-        "lr1e-2x300 lr=0.01 n_epochs=300 @eval=last_cycle"   # lr 1e-2 over ~3 learning cycles
-        "rep128 n_replicas=128"                              # the paper's replica count, one cycle
+        "lr1e-2long lr=0.01 n_epochs=200 @eval=last_cycle"   # lr 1e-2 over ~2 learning cycles (from scratch: ~3.3 h)
+        "rep128 n_replicas=128"                              # the paper's replica count, one cycle (~1.7 h)
     )
     ablations
 fi
