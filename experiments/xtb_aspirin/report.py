@@ -390,18 +390,21 @@ def fig_move_vs_hazard(res: dict, fig_dir: Path):
     """Hazard ratio against the QM model each StABlE model started from, versus how far training
     moved its parameters from that start (log-log): the ablation arms (ablation seeds, 700 K) and
     the evaluated StABlE models (evaluation seeds, each temperature), the original's included."""
+    def plottable(hr):  # a log axis needs 0 < lower and a finite upper bound
+        return bool(hr) and hr[1] > 0 and math.isfinite(hr[2])
+
     pts = []  # (move, [hr, lo, hi], label, marker, colour)
     for t, block in (res.get("ablations") or {}).items():
         for r in block["arms"]:
             mv, hr = r.get("param_move_from_qm_1k"), r.get("hazard_ratio_vs_qm_1k")
-            if mv and hr and hr[0] > 0 and math.isfinite(hr[0]):
+            if mv and plottable(hr):
                 pts.append((mv[0], hr, r["label"].replace("StABlE(1k), ", ""), "o", "0.55"))
     moves = res.get("param_moves") or {}
     for temp, block in res["temperatures"].items():
         for r in block["models"]:
             key = r["model"]
             hr = r.get("hazard_ratio_vs_own_start") or r.get("hazard_ratio_vs_qm_1k")
-            if key in moves and r["status"] == "done" and hr and hr[0] > 0 and math.isfinite(hr[0]):
+            if key in moves and r["status"] == "done" and plottable(hr):
                 mk = "s" if temp == "500" else "^"
                 pts.append((moves[key][0], hr, f"{r['label']}, {temp} K", mk, COLORS.get(key, "k")))
     if not pts:
