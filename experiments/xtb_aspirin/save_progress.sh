@@ -47,4 +47,10 @@ for d in "$OUT"/evals/schnet_aspirin_*/inference/pre; do
     echo "$run" > "$E/resume/$name/.folder"
     echo "saved $name: eval_resume.pt ($(du -h "$d/eval_resume.pt" | cut -f1))"
 done
+# finished stages whose run folder is no longer in out/ (a fresh machine): drop their saved state
+for d in "$E"/resume/*/; do
+    [ -d "$d" ] || continue
+    n=$(basename "$d")
+    [ -f "$OUT/done/$n" ] && { rm -rf "$d"; echo "dropped $n (finished)"; }
+done
 exit 0
