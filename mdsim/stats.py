@@ -295,6 +295,35 @@ def hazard_ratio_window(times1, events1, times2, events2, start: float, stop: fl
     return hazard_ratio(t1, e1, t2, e2, level)
 
 
+@dataclass
+class Rate:
+    estimate: float   # events per unit time at risk
+    lower: float
+    upper: float
+    events: int
+    time_at_risk: float
+
+
+def exponential_rate(times, events=None, start: float = 0.0, stop: float = math.inf,
+                     level: float = 0.95) -> Rate:
+    """Constant-hazard (exponential) rate over the window (start, stop]: events in it divided by
+    the time at risk in it (each replica from ``start``, or not at all if it failed before, to its
+    time or ``stop``), the maximum-likelihood estimate under right-censoring, with the exact
+    Poisson (chi-square) interval.  Similar rates over successive windows mean a constant hazard:
+    survival is then exponential, its mean 1 / rate."""
+    from scipy.stats import chi2
+    t, e = _survival_input(times, events)
+    at_risk = np.clip(np.minimum(t, stop) - start, 0.0, None)
+    d = int(np.sum(e & (t > start) & (t <= stop)))
+    total = float(at_risk.sum())
+    if total <= 0:
+        raise ValueError(f"no time at risk in ({start}, {stop}]")
+    a = 1.0 - level
+    lo = float(chi2.ppf(a / 2, 2 * d) / (2 * total)) if d > 0 else 0.0
+    hi = float(chi2.ppf(1 - a / 2, 2 * d + 2) / (2 * total))
+    return Rate(d / total, lo, hi, d, total)
+
+
 def rmst_ratio(a: RMST, b: RMST, level: float = 0.95):
     """a / b with a confidence interval from the delta method on the log scale, treating the two
     estimates as independent: Var log(a/b) = (se_a/a)^2 + (se_b/b)^2.  Returns (ratio, lower, upper)."""

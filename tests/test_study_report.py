@@ -76,6 +76,9 @@ def test_report_on_synthetic_layout(tmp_path):
     assert q["rmst_ps"] == pytest.approx(np.minimum(qm, H).mean(), abs=1e-6)
     assert q["km_median_ps"] == pytest.approx(np.sort(qm)[15], abs=1e-6)
     assert q["stable_to_horizon"] == 0 and q["events"] == 32
+    # exponential fit: time at risk / events (no censoring: the plain mean)
+    assert q["exponential_mean_ps"][0] == pytest.approx(np.minimum(qm, H).sum() / 32, rel=1e-4)
+    assert len(q["hazard_rate_halves_per_ps"]) == 2
     # censoring: 20 of the 22 at the horizon are censored, 2 are events
     assert s["stable_to_horizon"] == 20 and s["events"] == 12 and sum(s["censored"]) == 20
     km = stats.kaplan_meier(st, stats.censored_at_horizon(st, H, 20))
@@ -87,7 +90,7 @@ def test_report_on_synthetic_layout(tmp_path):
     assert s["paired_sign_test_vs_qm_1k"]["b_longer"] > 25
     assert res["temperatures"]["700"]["models"][0]["folder"] == str(copy)
     md = (dest / "results" / "results.md").read_text()
-    assert "not run yet" in md and "StABlE(1k)" in md and "not reached" in md
+    assert "not run yet" in md and "StABlE(1k)" in md and "not reached" in md and "Constant-hazard check" in md
     for f in ("km_500K.png", "km_700K.png", "stability_hist_500K.png", "observables_500K.png"):
         assert (dest / "figures" / f).stat().st_size > 1000, f
 

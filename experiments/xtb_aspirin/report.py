@@ -146,6 +146,17 @@ def summary_row(key, label, r, horizon, against=()) -> dict:
            "vacf_mae": [m.get("Mean VACF MAE"), m.get("Std Dev VACF MAE")],
            "stability_times_ps": [round(float(x), 4) for x in r["times"]],
            "censored": [bool(not e) for e in r["events"]]}
+    rates = []  # constant-hazard check: events per ps at risk over each half of the horizon
+    for lo, hi in ((0.0, horizon / 2), (horizon / 2, horizon)):
+        try:
+            x = stats.exponential_rate(r["times"], r["events"], lo, hi)
+            rates.append([x.estimate, x.lower, x.upper])
+        except ValueError:
+            rates.append(None)
+    row["hazard_rate_halves_per_ps"] = rates
+    whole = stats.exponential_rate(r["times"], r["events"], 0.0, horizon)
+    row["exponential_mean_ps"] = ([1 / whole.estimate, 1 / whole.upper,
+                                   1 / whole.lower if whole.lower > 0 else None] if whole.events else None)
     for base, base_s, vs in against:
         if base is not None and base is not r:
             row.update(comparison(r, s, base, base_s, vs))
@@ -494,6 +505,14 @@ def markdown(res: dict) -> str:
         if ph:
             lines += ["Proportional-hazards check, hazard ratio vs QM(1k) over the first / second half of the horizon "
                       "(similar values: the single hazard ratio summarises the whole run): " + "; ".join(ph) + ".", ""]
+        ch = [f"{r['label']} {_f(100 * r['hazard_rate_halves_per_ps'][0][0], 2)} / "
+              f"{_f(100 * r['hazard_rate_halves_per_ps'][1][0], 2)} (mean {_ci(r['exponential_mean_ps'][0], r['exponential_mean_ps'][1:], 3, ' ps')})"
+              for r in block["models"] if r.get("exponential_mean_ps")
+              and all(r["hazard_rate_halves_per_ps"])]
+        if ch:
+            lines += ["Constant-hazard check, replicas going unstable per 100 ps at risk over the first / second half "
+                      "of the horizon (similar values: exponential survival, whose mean, in brackets, extrapolates "
+                      "beyond the horizon): " + "; ".join(ch) + ".", ""]
         labels = {r["model"]: r["label"] for r in block["models"]}
         for r in block["models"]:
             ratio, hr, halves, lrk, pr = (r.get(f"{k}_vs_own_start") for k in (
