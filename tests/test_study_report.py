@@ -325,3 +325,34 @@ def test_failure_modes_first_bond_beyond_tolerance(tmp_path):
     (tmp_path / "out" / "evals").mkdir()
     assert fm.main(["--out", str(tmp_path / "out"), "--dest", str(tmp_path / "dest")]) == 0
     assert "x_700K" in (tmp_path / "dest" / "results" / "failure_modes.md").read_text()
+
+
+def test_sync_validation_replaces_only_marked_blocks():
+    sv = _load("sync_validation")
+    results = ("# title\n\n## 500 K (horizon 92 ps)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nnote A\n\n"
+               "## 700 K (horizon 23 ps)\n\n| a |\n|---|\n| 3 |\n\nnote B\n\n"
+               "## Ablations (seed 3001)\n\nintro\n\n### 700 K (horizon 23 ps)\n\n| x |\n|---|\n| 9 |\n\n- detail\n")
+    val = ("# V\n\nkept 1\n\n<!-- begin results.md: 500 K -->\nstale\n<!-- end results.md: 500 K -->\n\nkept 2\n"
+           "<!-- begin results.md: Ablations / 700 K (tables) -->\n<!-- end results.md: Ablations / 700 K (tables) -->\n"
+           "kept 3\n")
+    new = sv.sync(val, results)
+    assert new == ("# V\n\nkept 1\n\n<!-- begin results.md: 500 K -->\n| a | b |\n|---|---|\n| 1 | 2 |\n\nnote A\n"
+                   "<!-- end results.md: 500 K -->\n\nkept 2\n"
+                   "<!-- begin results.md: Ablations / 700 K (tables) -->\n| x |\n|---|\n| 9 |\n"
+                   "<!-- end results.md: Ablations / 700 K (tables) -->\nkept 3\n")
+    assert sv.sync(new, results) == new  # idempotent
+    with pytest.raises(ValueError, match="0 sections match '900 K'"):
+        sv.sync("<!-- begin results.md: 900 K -->\n<!-- end results.md: 900 K -->\n", results)
+    with pytest.raises(ValueError, match="no '<!-- end results.md: 500 K -->'"):
+        sv.sync("<!-- begin results.md: 500 K -->\nx\n", results)
+    with pytest.raises(ValueError, match="no '<!-- begin results.md"):
+        sv.sync("no markers\n", results)
+
+
+def test_validation_md_tables_match_the_committed_results():
+    """VALIDATION.md's generated blocks equal experiments/xtb_aspirin/results/results.md's."""
+    sv = _load("sync_validation")
+    root = STUDY.parents[1]
+    text = (root / "VALIDATION.md").read_text()
+    assert sv.sync(text, (STUDY / "results" / "results.md").read_text()) == text, \
+        "VALIDATION.md is out of date: run python experiments/xtb_aspirin/sync_validation.py"
