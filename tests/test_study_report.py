@@ -356,3 +356,14 @@ def test_validation_md_tables_match_the_committed_results():
     text = (root / "VALIDATION.md").read_text()
     assert sv.sync(text, (STUDY / "results" / "results.md").read_text()) == text, \
         "VALIDATION.md is out of date: run python experiments/xtb_aspirin/sync_validation.py"
+
+
+def test_every_stage_save_progress_saves_is_restored_by_run_sh():
+    """A stage whose state save_progress.sh commits must be copied back into out/ by run.sh on a
+    fresh machine; otherwise it silently starts over (as QM(10k) once did)."""
+    import re
+    saved = set(re.findall(r"^save (\w+) ", (STUDY / "save_progress.sh").read_text(), re.M))
+    assert {"qm_1k", "qm_10k"} <= saved
+    run = (STUDY / "run.sh").read_text()
+    restored = set(re.findall(r'^\s*restore "?(\w+)"? ', run, re.M))
+    assert saved <= restored, f"saved but never restored: {sorted(saved - restored)}"

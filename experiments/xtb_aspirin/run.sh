@@ -139,6 +139,7 @@ restore() {  # restore NAME DEST_DIR
     fi
 }
 restore qm_1k "$OUT/MODELPATH/xtb-aspirin_1k_schnet/checkpoints"
+restore qm_10k "$OUT/MODELPATH/xtb-aspirin_10k_schnet/checkpoints"
 
 # ---- stages finished on another machine: their committed small outputs mark them done here
 # (final checkpoints in checkpoints/, horizons and evaluation results in results/)
