@@ -158,6 +158,15 @@ def test_pretrain_summary_and_baseline_table_and_timings_outlive_out(tmp_path, c
     got = json.loads(capsys.readouterr().out)
     assert got == {"epochs": 612, "stopped": "min_lr", "best_val": {"forces_mae": 0.0701},
                    "test": {"energy_mae": 0.029, "forces_mae": 0.0684}, "test_frames": 7}
+    # --checkpoint: the training's own wall time, summed by the trainer over resumed runs
+    import torch
+    ck = tmp_path / "checkpoint.pt"
+    torch.save({"trainer_state": {"epoch": 612, "elapsed": 17999.94}}, ck)
+    assert summary.main(["--log", str(log), "--test-json", str(test), "--checkpoint", str(ck)]) == 0
+    got10 = json.loads(capsys.readouterr().out)
+    assert got10["train_wall_s"] == 17999.9 and got10["epochs"] == 612
+    torch.save({"state_dict": {}}, ck)  # an exported model: no trainer state
+    assert summary.main(["--log", str(log), "--test-json", str(test), "--checkpoint", str(ck)]) == 2
     unfinished = tmp_path / "unfinished.log"
     unfinished.write_text("resuming from x at epoch 348\n")
     assert summary.main(["--log", str(unfinished), "--test-json", str(test)]) == 2
@@ -166,11 +175,14 @@ def test_pretrain_summary_and_baseline_table_and_timings_outlive_out(tmp_path, c
     dest, out = tmp_path / "dest", tmp_path / "out"
     (dest / "results").mkdir(parents=True)
     (dest / "results" / "pretrain_qm_1k.json").write_text(json.dumps(got))
+    (dest / "results" / "pretrain_qm_10k.json").write_text(json.dumps(got10))
     out.mkdir()
     (out / "timings.tsv").write_text("study (full) started x\nqm_1k\t4321\t2026-12-02T04:40:00\n")
     assert report.main(["--out", str(out), "--dest", str(dest), "--no-figures"]) == 0
     md = (dest / "results" / "results.md").read_text()
-    assert "| QM(1k) | 612 | lr ≤ early_stopping_lr (the original's rule) | 0.0701 | 7 | 0.029 | 0.0684 |" in md
+    # wall time: QM(1k)'s summary has none, so the stage's recorded time (4321 s); QM(10k)'s its own
+    assert "| QM(1k) | 612 | lr ≤ early_stopping_lr (the original's rule) | 0.0701 | 7 | 0.029 | 0.0684 | 1.2 |" in md
+    assert "| QM(10k) | 612 | lr ≤ early_stopping_lr (the original's rule) | 0.0701 | — | 0.029 | 0.0684 | 5 |" in md
     import shutil
     shutil.rmtree(out)
     out.mkdir()

@@ -8,7 +8,8 @@ Reads the last JSON block ``pretraining.py --mode train`` printed into the stage
 the rule that stopped training — ``min_lr``: the learning rate reached ``optim.early_stopping_lr``,
 ``wall_time``, ``max_epochs`` — and the best validation errors) and the test-set errors of the
 best checkpoint (``pretraining.py --mode test``), and prints one JSON object.  Errors in eV and
-eV/Å."""
+eV/Å.  With ``--checkpoint`` (the run's ``checkpoint.pt``) it adds ``train_wall_s``, the
+training's own wall time summed over every resumed run (what the wall-time rule counts)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--log", required=True, help="the pretraining stage's log (out/logs/<stage>.log)")
     ap.add_argument("--test-json", required=True, help="output of pretraining.py --mode test")
     ap.add_argument("--test-data", default=None, help="the test split's data.npz (to count its frames)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="the run's checkpoint.pt (its trainer state holds the training's wall time)")
     a = ap.parse_args(argv)
     try:
         train = last_json(Path(a.log).read_text())
@@ -51,6 +54,14 @@ def main(argv=None) -> int:
         return 2
     out = {"epochs": train.get("epochs"), "stopped": train["stopped"], "best_val": train.get("best_val"),
            "test": test}
+    if a.checkpoint:
+        try:
+            import torch
+            ck = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
+            out["train_wall_s"] = round(float(ck["trainer_state"]["elapsed"]), 1)
+        except (OSError, KeyError, RuntimeError, TypeError) as exc:
+            print(f"pretrain_summary: {a.checkpoint}: no training wall time ({exc})", file=sys.stderr)
+            return 2
     if a.test_data and Path(a.test_data).is_file():
         out["test_frames"] = int(np.load(a.test_data)["E"].shape[0])
     print(json.dumps(out, indent=1))

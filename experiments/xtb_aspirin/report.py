@@ -536,17 +536,19 @@ def markdown(res: dict) -> str:
     if pre:
         lines += ["## QM baselines (pretraining)", "",
                   "| model | epochs | stopped by | best val force MAE (eV/Å) | test frames | test energy MAE (eV) "
-                  "| test force MAE (eV/Å) |", "|---|---|---|---|---|---|---|"]
+                  "| test force MAE (eV/Å) | training wall time (h) |", "|---|---|---|---|---|---|---|---|"]
         rules = {"min_lr": "lr ≤ early_stopping_lr (the original's rule)", "wall_time": "wall-time limit",
                  "max_epochs": "max_epochs"}
         for key, label in MODELS:
             p = pre.get(key)
             if p:
                 bv = (p.get("best_val") or {}).get("forces_mae")
+                wall = p.get("train_wall_s") or (res.get("timings_s") or {}).get(key)
                 lines.append(f"| {label} | {p.get('epochs')} | {rules.get(p['stopped'], p['stopped'])} | {_f(bv)} "
                              f"| {p.get('test_frames', '—')} | {_f(p['test'].get('energy_mae'))} "
-                             f"| {_f(p['test'].get('forces_mae'))} |")
-        lines.append("")
+                             f"| {_f(p['test'].get('forces_mae'))} | {_f(wall / 3600, 2) if wall else '—'} |")
+        lines += ["", "Training wall time: the training's own clock summed over its resumed runs (from its "
+                  "checkpoint), or, for a summary without it, the stage's recorded wall time.", ""]
     tr = res.get("stable_training")
     if tr:
         fm = tr.get("force_mae_first_last") or [None, None]
