@@ -379,3 +379,29 @@ def test_every_stage_save_progress_saves_is_restored_by_run_sh():
     run = (STUDY / "run.sh").read_text()
     restored = set(re.findall(r'^\s*restore "?(\w+)"? ', run, re.M))
     assert saved <= restored, f"saved but never restored: {sorted(saved - restored)}"
+
+
+def test_report_compares_our_stable_models_with_qm_10k(tmp_path):
+    """StABlE(1k) is also compared with QM(10k), the baseline with 10x the data (and QM(10k) with
+    QM(1k) in the table); the log-rank p agrees with mdsim.stats on the same data."""
+    report = _load("report")
+    rng = np.random.default_rng(5)
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    H = 20
+    qm = np.round(rng.exponential(3.0, 32) / 0.05).clip(1, 399) * 0.05
+    q10 = np.round(rng.exponential(6.0, 32) / 0.05).clip(1, 399) * 0.05
+    st = np.concatenate([np.full(20, float(H)), np.round(rng.uniform(1, 19, 12) / 0.05) * 0.05])
+    fake_eval(out, "qm_1k_500K", qm, 0, H, rng)
+    fake_eval(out, "qm_10k_500K", q10, int((q10 >= H).sum()), H, rng)
+    fake_eval(out, "stable_1k_500K", st, 20, H, rng)
+    assert report.main(["--out", str(out), "--dest", str(dest), "--no-figures"]) == 0
+    res = json.loads((dest / "results" / "results.json").read_text())
+    rows = {r["model"]: r for r in res["temperatures"]["500"]["models"]}
+    s = rows["stable_1k"]
+    lr = stats.logrank_test(q10, stats.censored_at_horizon(q10, H, int((q10 >= H).sum())),
+                            st, stats.censored_at_horizon(st, H, 20))
+    assert s["logrank_vs_qm_10k"]["p"] == pytest.approx(lr.pvalue, rel=1e-6)
+    assert s["rmst_ratio_vs_qm_10k"][0] == pytest.approx(s["rmst_ps"] / rows["qm_10k"]["rmst_ps"], rel=1e-4)
+    assert "rmst_ratio_vs_qm_10k" not in rows["qm_10k"] and "rmst_ratio_vs_qm_1k" in rows["qm_10k"]
+    md = (dest / "results" / "results.md").read_text()
+    assert "Against QM(10k) (QM on 10× the data): StABlE(1k): RMST ratio" in md

@@ -58,6 +58,9 @@ BASELINE = "qm_1k"
 # paper's claim is about this pair. Ours start from QM(1k) (already the table's baseline); the
 # original's StABlE checkpoint starts from the original's QM checkpoint.
 OWN_START = {"original_stable_1k": "original_qm_1k"}
+# Our StABlE models also against the QM baseline trained on 10x the data (the paper's "more data"
+# comparison: does StABlE on 1k frames buy what 10k frames of QM data buy?)
+MORE_DATA, MORE_DATA_KEYS = "qm_10k", ("stable_1k", "stable_1k_abl_lr1e-2")
 TEMPERATURES = (500, 700)
 COLORS = {"qm_1k": "C3", "stable_1k": "C2", "stable_1k_abl_lr1e-2": "C5", "qm_10k": "C0", "original_qm_1k": "C1", "original_stable_1k": "C4"}
 STYLES = {"qm_1k": "-", "stable_1k": "--", "stable_1k_abl_lr1e-2": (0, (3, 1)), "qm_10k": "-.", "original_qm_1k": ":", "original_stable_1k": (0, (6, 2, 1, 2))}
@@ -215,6 +218,8 @@ def analyse(out: Path, dest: Path) -> dict:
             start = here.get(OWN_START.get(key))
             if start is not None:
                 against.append((start, survival_summary(start, horizon), "own_start"))
+            if key in MORE_DATA_KEYS and here.get(MORE_DATA) is not None:
+                against.append((here[MORE_DATA], survival_summary(here[MORE_DATA], horizon), MORE_DATA))
             rows.append(summary_row(key, label, here[key], horizon, against))
         res["temperatures"][str(temp)] = {"horizon_ps": horizon, "horizons_differ": len(horizons) > 1,
                                           "models": rows}
@@ -522,6 +527,14 @@ def markdown(res: dict) -> str:
             paired = (f", paired longer/shorter {pr['b_longer']}/{pr['b_shorter']} ({_f(pr['p'], 2)})" if pr else "")
             lines += [f"{r['label']} against its own starting point, {labels[OWN_START[r['model']]]}: RMST ratio "
                       f"{_ci(ratio[0], ratio[1:]) if ratio else '—'}, hazard ratio {_hr(hr)} (first / second half of the horizon {_hr(halves[0])} / {_hr(halves[1])}), log-rank p {_f(lrk['p'], 2)}{paired}.", ""]
+        more = []
+        for r in block["models"]:
+            ratio, hr, lrk = (r.get(f"{k}_vs_{MORE_DATA}") for k in ("rmst_ratio", "hazard_ratio", "logrank"))
+            if r["status"] == "done" and lrk is not None:
+                more.append(f"{r['label']}: RMST ratio {_ci(ratio[0], ratio[1:]) if ratio else '—'}, hazard ratio "
+                            f"{_hr(hr)}, log-rank p {_f(lrk['p'], 2)}")
+        if more:
+            lines += [f"Against {labels[MORE_DATA]} (QM on 10× the data): " + "; ".join(more) + ".", ""]
     if res.get("param_moves"):
         labels = dict(MODELS)
         start = {k: labels[OWN_START.get(k, BASELINE)] for k in res["param_moves"]}
