@@ -108,10 +108,11 @@ pretrain_summary() {  # pretrain_summary NAME SIZE CONFIG OVERRIDES... → resul
     local name=$1 size=$2 cfg=$3; shift 3
     local f=$DEST/results/pretrain_$name.json
     [ -f "$f" ] && return 0
+    local ck=$OUT/MODELPATH/xtb-aspirin_${size}_schnet/checkpoints/checkpoint.pt ckarg=()
+    [ -f "$ck" ] && ckarg=(--checkpoint "$ck")  # the training's own wall time, over resumed runs
     python pretraining.py --mode test --config-yml "$cfg" "$@" > "$OUT/logs/test_$name.json" 2>> "$OUT/logs/test_$name.log" \
         && python "$E/pretrain_summary.py" --log "$OUT/logs/$name.log" --test-json "$OUT/logs/test_$name.json" \
-            --test-data "$OUT/data/xtb/aspirin/$size/test/data.npz" \
-            --checkpoint "$OUT/MODELPATH/xtb-aspirin_${size}_schnet/checkpoints/checkpoint.pt" > "$f.tmp" && mv "$f.tmp" "$f" \
+            --test-data "$OUT/data/xtb/aspirin/$size/test/data.npz" "${ckarg[@]}" > "$f.tmp" && mv "$f.tmp" "$f" \
         || { rm -f "$f.tmp"; echo "test-set errors of $name failed (see $OUT/logs/test_$name.log)" >&2; }
 }
 
