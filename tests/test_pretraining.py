@@ -13,7 +13,7 @@ from conftest import TINY_SCHNET, pretrain_config
 from mdsim.config import ConfigError
 from mdsim.data.format import DataError, load_metadata, load_split, split_dir
 from mdsim.models import load_model
-from mdsim.training.pretrain import build_from_config, evaluate, train
+from mdsim.training.pretrain import build_from_config, evaluate, refit_energy_offset, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +88,25 @@ def test_bad_input(xtb_data_root, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "unknown key 'optim.batchsize' (did you mean 'batch_size'?)" in out.stderr
+
+
+def test_refit_energy_offset_removes_a_constant_error(xtb_data_root, tiny_pretrained):
+    """Shift the model's energies by a constant, refit on the train split: the energy error on the
+    val split returns to what it was up to the train/val difference of the mean error; forces are
+    untouched and the refit constant is the least-squares one (rmse² = var + bias²)."""
+    _, ckpt = tiny_pretrained
+    train_split = load_split(split_dir(xtb_data_root, "xtb", "ethanol", "1k", "train"))
+    val = load_split(split_dir(xtb_data_root, "xtb", "ethanol", "1k", "val"))
+    model, _ = load_model(ckpt)
+    m0 = evaluate(model, val, 64, "cpu")
+    r0 = evaluate(model, train_split, 64, "cpu")
+    model.set_normalization(mean=float(model.target_mean) + 0.7)  # a constant energy error
+    m1 = evaluate(model, val, 64, "cpu")
+    assert m1["energy_bias"] == pytest.approx(m0["energy_bias"] + 0.7, abs=1e-5)
+    shift = refit_energy_offset(model, train_split, 64, "cpu")
+    assert shift == pytest.approx(-0.7 - r0["energy_bias"], abs=1e-5)
+    r2, m2 = evaluate(model, train_split, 64, "cpu"), evaluate(model, val, 64, "cpu")
+    assert abs(r2["energy_bias"]) < 1e-5
+    assert r2["energy_rmse"] ** 2 == pytest.approx(r0["energy_rmse"] ** 2 - r0["energy_bias"] ** 2, rel=1e-4)
+    assert m2["energy_bias"] == pytest.approx(m0["energy_bias"] - r0["energy_bias"], abs=1e-5)
+    assert m2["forces_mae"] == m0["forces_mae"] and m2["forces_rmse"] == m0["forces_rmse"]

@@ -113,12 +113,13 @@ def _noop():
 def evaluate(model, split: SplitData, batch_size: int, device, dtype=torch.float32,
              max_frames: Optional[int] = None, progress: bool = False,
              comm: Optional["distributed.Comm"] = None) -> Dict[str, float]:
-    """Energy/force MAE and RMSE (eV, eV/Å) of ``model`` on ``split``.
+    """Energy/force MAE and RMSE (eV, eV/Å) of ``model`` on ``split``, and the mean signed energy
+    error ``energy_bias`` (prediction − reference, eV: the constant part of the energy error).
 
     With a distributed ``comm`` each rank evaluates a contiguous shard of the frames and the
     error sums are all-reduced (every rank returns the same metrics)."""
     n = len(split) if max_frames is None else min(len(split), max_frames)
-    se = ae = sf = af = 0.0
+    se = ae = sf = af = be = 0.0
     nf = 0
     model.eval()
     lo, hi = (0, n) if comm is None else comm.shard(n)
@@ -131,13 +132,30 @@ def evaluate(model, split: SplitData, batch_size: int, device, dtype=torch.float
         df = f.cpu().double().numpy().reshape(split.F[sl].shape) - split.F[sl]
         ae += np.abs(de).sum()
         se += (de ** 2).sum()
+        be += de.sum()
         af += np.abs(df).sum()
         sf += (df ** 2).sum()
         nf += df.size
     if comm is not None and comm.distributed:
-        ae, se, af, sf, nf = comm.sum_floats(ae, se, af, sf, nf)
+        ae, se, af, sf, nf, be = comm.sum_floats(ae, se, af, sf, nf, be)
     return {"energy_mae": ae / n, "energy_rmse": math.sqrt(se / n),
-            "forces_mae": af / nf, "forces_rmse": math.sqrt(sf / nf)}
+            "forces_mae": af / nf, "forces_rmse": math.sqrt(sf / nf), "energy_bias": be / n}
+
+
+def refit_energy_offset(model, split: SplitData, batch_size: int, device, dtype=torch.float32,
+                        comm: Optional["distributed.Comm"] = None) -> float:
+    """Refit the model's per-structure energy constant (``target_mean``) to ``split``: shift it by
+    minus the mean energy error there, the least-squares constant.  Forces, and so the dynamics,
+    do not change.  Returns the shift (eV).
+
+    A StABlE run's clipped steps can move the predicted energies by a constant (the observable's
+    gradient, a covariance over configurations, cannot correct it); refitting the constant on the
+    QM training data afterwards removes that part of the energy error."""
+    if not hasattr(model, "set_normalization"):
+        raise TypeError(f"{type(model).__name__} has no energy normalisation to refit")
+    shift = -evaluate(model, split, batch_size, device, dtype, comm=comm)["energy_bias"]
+    model.set_normalization(mean=float(model.target_mean) + shift)
+    return shift
 
 
 # ----------------------------------------------------------------------------- EMA
