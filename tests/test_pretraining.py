@@ -110,3 +110,32 @@ def test_refit_energy_offset_removes_a_constant_error(xtb_data_root, tiny_pretra
     assert r2["energy_rmse"] ** 2 == pytest.approx(r0["energy_rmse"] ** 2 - r0["energy_bias"] ** 2, rel=1e-4)
     assert m2["energy_bias"] == pytest.approx(m0["energy_bias"] - r0["energy_bias"], abs=1e-5)
     assert m2["forces_mae"] == m0["forces_mae"] and m2["forces_rmse"] == m0["forces_rmse"]
+
+
+def test_energy_offset_script(xtb_data_root, tiny_pretrained, tmp_path):
+    """experiments/xtb_aspirin/energy_offset.py on a model whose energies carry a known constant
+    error: the refit takes that constant out (the MAE after it is the unshifted model's after its
+    own refit), forces are unchanged, and both results files are written."""
+    import json
+    import sys
+    sys.path.insert(0, str(ROOT / "experiments" / "xtb_aspirin"))
+    import energy_offset
+    from mdsim.models.checkpoint import save_checkpoint
+
+    _, ckpt = tiny_pretrained
+    (tmp_path / "ck").mkdir()
+    model, _ = load_model(ckpt)
+    save_checkpoint(tmp_path / "ck" / "qm_1k.pt", model)
+    model.set_normalization(mean=float(model.target_mean) - 0.4)
+    save_checkpoint(tmp_path / "ck" / "stable_1k.pt", model)
+    rc = energy_offset.main(["--data", str(xtb_data_root), "--checkpoints", str(tmp_path / "ck"),
+                             "--dest", str(tmp_path), "--molecule", "ethanol", "--max-frames", "50"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results" / "energy_offset.json").read_text())["models"]
+    qm, shifted = res["QM(1k)"], res["StABlE(1k), paper settings"]
+    assert shifted["before"]["energy_bias"] == pytest.approx(qm["before"]["energy_bias"] - 0.4, abs=1e-5)
+    assert shifted["shift"] == pytest.approx(qm["shift"] + 0.4, abs=1e-5)
+    assert shifted["after"]["energy_mae"] == pytest.approx(qm["after"]["energy_mae"], abs=1e-5)
+    assert shifted["after"]["forces_mae"] == shifted["before"]["forces_mae"] == pytest.approx(qm["before"]["forces_mae"])
+    assert "| StABlE(1k), paper settings |" in (tmp_path / "results" / "energy_offset.md").read_text()
+    assert energy_offset.main(["--data", str(tmp_path / "nothing"), "--dest", str(tmp_path)]) == 2

@@ -428,6 +428,7 @@ printf 'total\t%s\t%s\n' "$SECONDS" "$(date -Is)" >> "$TIMES"
 stage_report() {
     python "$E/report.py" --out "$OUT" --dest "$DEST" --checkpoints "$CKPT" &&
     python "$E/failure_modes.py" --out "$OUT" --dest "$DEST" > /dev/null &&
+    python "$E/energy_offset.py" --data "$OUT/data" --checkpoints "$CKPT" --dest "$DEST" > /dev/null &&
     if [ "$DEST" = "$E" ]; then python "$E/sync_validation.py"; fi  # VALIDATION.md's generated tables
 }
 rm -f "$OUT/done/report"; stage report stage_report
