@@ -405,3 +405,38 @@ def test_report_compares_our_stable_models_with_qm_10k(tmp_path):
     assert "rmst_ratio_vs_qm_10k" not in rows["qm_10k"] and "rmst_ratio_vs_qm_1k" in rows["qm_10k"]
     md = (dest / "results" / "results.md").read_text()
     assert "Against QM(10k) (QM on 10× the data): StABlE(1k): RMST ratio" in md
+
+
+def test_bond_scan_stretches_only_the_moved_fragment(xtb_data_root, tiny_pretrained, tmp_path):
+    """bond_scan.stretched sets the bond length and moves the fragment rigidly; the script's xTB
+    curve has its minimum near the frame's own bond length (a C–C bond of ethanol, atoms 0–1 in
+    the xTB ethanol data, moving atom 1 and the atoms nearer to it than to atom 0)."""
+    import json
+    import shutil
+    sys.path.insert(0, str(STUDY))
+    import bond_scan
+    from mdsim.data.format import load_split, split_dir
+
+    test = load_split(split_dir(xtb_data_root, "xtb", "ethanol", "1k", "test"))
+    R = np.asarray(test.R[0], dtype=float)
+    d0 = np.linalg.norm(R[:, None] - R[None], axis=-1)
+    move = [k for k in range(len(R)) if k != 0 and d0[1, k] < d0[0, k]]
+    S = bond_scan.stretched(R, 0, 1, move, 2.0)
+    assert np.linalg.norm(S[1] - S[0]) == pytest.approx(2.0)
+    d1 = np.linalg.norm(S[:, None] - S[None], axis=-1)
+    fixed = [k for k in range(len(R)) if k not in move]
+    np.testing.assert_allclose(d1[np.ix_(move, move)], d0[np.ix_(move, move)], atol=1e-12)
+    np.testing.assert_allclose(d1[np.ix_(fixed, fixed)], d0[np.ix_(fixed, fixed)], atol=1e-12)
+    _, ckpt = tiny_pretrained
+    (tmp_path / "ck").mkdir()
+    shutil.copy(ckpt, tmp_path / "ck" / "qm_1k.pt")
+    rc = bond_scan.main(["--data", str(xtb_data_root), "--molecule", "ethanol", "--checkpoints",
+                         str(tmp_path / "ck"), "--dest", str(tmp_path), "--bond", "0", "1",
+                         "--move", *map(str, move), "--lengths", "1.2", "2.0", "17"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results" / "bond_scan_0-1.json").read_text())
+    ref = np.array(res["energy_rel_eV"]["GFN2-xTB (reference)"])
+    assert abs(res["lengths"][int(ref.argmin())] - res["length_at_frame"]) < 0.15
+    assert "QM(1k)" in res["energy_rel_eV"] and (tmp_path / "figures" / "bond_scan_0-1.png").is_file()
+    assert bond_scan.main(["--data", str(xtb_data_root), "--molecule", "ethanol", "--bond", "0", "1",
+                           "--move", "0", "1"]) == 2
