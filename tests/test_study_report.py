@@ -440,3 +440,44 @@ def test_bond_scan_stretches_only_the_moved_fragment(xtb_data_root, tiny_pretrai
     assert "QM(1k)" in res["energy_rel_eV"] and (tmp_path / "figures" / "bond_scan_0-1.png").is_file()
     assert bond_scan.main(["--data", str(xtb_data_root), "--molecule", "ethanol", "--bond", "0", "1",
                            "--move", "0", "1"]) == 2
+
+
+def test_prefailure_errors_on_a_made_up_trajectory(xtb_data_root, tiny_pretrained, tmp_path):
+    """Two replicas of ethanol test frames; replica 1's C–C bond is stretched from saved frame 6 on.
+    The script finds it, takes frame 6 − lag (lag 0.1 ps = 2 frames at 50 fs), and its QM(1k)
+    force MAE there equals the checkpoint's error against tblite computed directly."""
+    import json
+    import shutil
+    sys.path.insert(0, str(STUDY))
+    import prefailure_errors
+    from ase import Atoms
+    from tblite.ase import TBLite
+
+    from mdsim.calculator import StableCalculator
+    from mdsim.data.format import load_split, split_dir
+
+    test = load_split(split_dir(xtb_data_root, "xtb", "ethanol", "1k", "test"))
+    traj = np.stack([np.asarray(test.R[:10], dtype=float)] * 2)  # (2 replicas, 10 frames, N, 3)
+    traj[1, 6:, 1] += 3.0 * (traj[1, 6:, 1] - traj[1, 6:, 0]) / np.linalg.norm(
+        traj[1, 6:, 1] - traj[1, 6:, 0], axis=-1, keepdims=True)
+    d = tmp_path / "pre"
+    d.mkdir()
+    np.save(d / "full_traj.npy", traj)
+    np.save(d / "replicas_stable.npy", np.array([True, False]))
+    (d / "simulate_config.yml").write_text(yaml.safe_dump(
+        {"src": str(xtb_data_root), "name": "xtb", "molecule": "ethanol", "size": "1k",
+         "bond_dev_tol": 0.5, "timestep": 0.5, "n_dump": 100}))
+    _, ckpt = tiny_pretrained
+    (tmp_path / "ck").mkdir()
+    shutil.copy(ckpt, tmp_path / "ck" / "qm_1k.pt")
+    rc = prefailure_errors.main(["--eval", str(d), "--name", "t", "--checkpoints", str(tmp_path / "ck"),
+                                 "--dest", str(tmp_path), "--lags-ps", "0.1"])
+    assert rc == 0
+    row = json.loads((tmp_path / "results" / "prefailure_t.json").read_text())["mae"]["0.1 ps"]
+    a = Atoms(numbers=test.z, positions=traj[1, 4])
+    a.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    ref = a.get_forces()
+    a.calc = StableCalculator(checkpoint=str(ckpt))
+    assert row["frames"] == 1
+    assert row["QM(1k)"] == pytest.approx(float(np.abs(a.get_forces() - ref).mean()), rel=1e-5)
+    assert prefailure_errors.main(["--eval", str(tmp_path), "--name", "x"]) == 2
