@@ -29,8 +29,10 @@ if str(ROOT) not in sys.path:
 
 from mdsim.data.format import DataError, load_split, split_dir  # noqa: E402
 
-MODELS = [("QM(1k)", "qm_1k.pt"), ("QM(10k)", "qm_10k.pt"),
-          ("StABlE(1k), paper settings", "stable_1k.pt"), ("StABlE(1k), lr 1e-2", "ablations/lr1e-2.pt")]
+sys.path.insert(0, str(HERE))
+from study_models import on_frames, present  # noqa: E402
+
+MODELS = ["QM(1k)", "QM(10k)", "StABlE(1k), paper settings", "StABlE(1k), lr 1e-2"]
 
 
 def stretched(R: np.ndarray, i: int, j: int, move: list, length: float) -> np.ndarray:
@@ -40,15 +42,6 @@ def stretched(R: np.ndarray, i: int, j: int, move: list, length: float) -> np.nd
     out = R.copy()
     out[move] += (length - r) * d / r
     return out
-
-
-def scan(atoms_list, calc) -> np.ndarray:
-    e = []
-    for a in atoms_list:
-        a = a.copy()
-        a.calc = calc
-        e.append(a.get_potential_energy())
-    return np.array(e)
 
 
 def main(argv=None) -> int:
@@ -83,14 +76,10 @@ def main(argv=None) -> int:
     frames = [Atoms(numbers=test.z, positions=R0)] + [
         Atoms(numbers=test.z, positions=stretched(R0, i, j, a.move, L)) for L in lengths]
     curves = {}
-    e = scan(frames, TBLite(method="GFN2-xTB", verbosity=0))
+    e = on_frames(frames, TBLite(method="GFN2-xTB", verbosity=0))
     curves["GFN2-xTB (reference)"] = (e[1:] - e[0]).tolist()
-    for label, rel in MODELS:
-        ck = Path(a.checkpoints) / rel
-        if not ck.is_file():
-            print(f"bond_scan: {ck} not found, skipped", file=sys.stderr)
-            continue
-        e = scan(frames, StableCalculator(checkpoint=str(ck)))
+    for label, _, ck in present(a.checkpoints, MODELS, "bond_scan"):
+        e = on_frames(frames, StableCalculator(checkpoint=str(ck)))
         curves[label] = (e[1:] - e[0]).tolist()
     name = f"bond_scan_{i}-{j}"
     res = {"frame": a.frame, "bond": [i, j], "moved": a.move, "length_at_frame": r0,

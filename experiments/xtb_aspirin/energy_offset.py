@@ -28,12 +28,11 @@ from mdsim.data.format import DataError, load_split, split_dir  # noqa: E402
 from mdsim.models import load_model  # noqa: E402
 from mdsim.training.pretrain import evaluate, refit_energy_offset  # noqa: E402
 
-# label, checkpoint path relative to --checkpoints (missing ones are skipped)
-MODELS = [("QM(1k)", "qm_1k.pt"),
-          ("StABlE(1k), paper settings", "stable_1k.pt"),
-          ("StABlE(1k), lr 1e-2", "ablations/lr1e-2.pt"),
-          ("efonly (energy-force term alone, lr 1e-2)", "ablations/efonly.pt"),
-          ("QM(10k)", "qm_10k.pt")]
+sys.path.insert(0, str(HERE))
+from study_models import present  # noqa: E402
+
+MODELS = ["QM(1k)", "StABlE(1k), paper settings", "StABlE(1k), lr 1e-2",
+          "efonly (energy-force term alone, lr 1e-2)", "QM(10k)"]
 
 
 def measure(ckpt: Path, train, test, max_frames: int, batch_size: int) -> dict:
@@ -79,11 +78,7 @@ def main(argv=None) -> int:
         print(f"energy_offset: {exc}", file=sys.stderr)
         return 2
     res = {}
-    for label, rel in MODELS:
-        ckpt = Path(a.checkpoints) / rel
-        if not ckpt.is_file():
-            print(f"energy_offset: {ckpt} not found, skipped", file=sys.stderr)
-            continue
+    for label, rel, ckpt in present(a.checkpoints, MODELS, "energy_offset"):
         res[label] = {"checkpoint": rel, **measure(ckpt, train, test, a.max_frames, a.batch_size)}
         print(f"{label}: MAE {res[label]['before']['energy_mae']:.4f} -> {res[label]['after']['energy_mae']:.4f} eV",
               file=sys.stderr)

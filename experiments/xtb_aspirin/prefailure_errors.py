@@ -29,17 +29,7 @@ for p in (ROOT, HERE):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-MODELS = [("QM(1k)", "qm_1k.pt"), ("QM(10k)", "qm_10k.pt"),
-          ("StABlE(1k), paper settings", "stable_1k.pt"), ("StABlE(1k), lr 1e-2", "ablations/lr1e-2.pt")]
-
-
-def forces(atoms_list, calc) -> np.ndarray:
-    out = []
-    for a in atoms_list:
-        a = a.copy()
-        a.calc = calc
-        out.append(a.get_forces())
-    return np.array(out)
+MODELS = ["QM(1k)", "QM(10k)", "StABlE(1k), paper settings", "StABlE(1k), lr 1e-2"]
 
 
 def main(argv=None) -> int:
@@ -60,6 +50,7 @@ def main(argv=None) -> int:
     from tblite.ase import TBLite
 
     from failure_modes import first_failures
+    from study_models import on_frames, present
     from mdsim.calculator import StableCalculator
     from mdsim.data.format import load_split, split_dir
     from mdsim.md.system import System
@@ -76,15 +67,13 @@ def main(argv=None) -> int:
         k = int(round(lag / dt_frame))
         frames = [Atoms(numbers=train.z, positions=np.asarray(traj[r, f - k], dtype=float))
                   for r, (f, _) in enumerate(hits) if not stable[r] and f is not None and f - k >= 0]
-        ref = forces(frames, TBLite(method="GFN2-xTB", verbosity=0))
+        ref = on_frames(frames, TBLite(method="GFN2-xTB", verbosity=0), "forces")
         row = {"frames": len(frames)}
-        for label, rel in MODELS:
-            ck = Path(a.checkpoints) / rel
-            if ck.is_file():
-                row[label] = float(np.abs(forces(frames, StableCalculator(checkpoint=str(ck))) - ref).mean())
+        for label, _, ck in present(a.checkpoints, MODELS, "prefailure_errors"):
+            row[label] = float(np.abs(on_frames(frames, StableCalculator(checkpoint=str(ck)), "forces") - ref).mean())
         res["mae"][f"{lag:g} ps"] = row
         print(f"{lag:g} ps before failure: {row}", file=sys.stderr)
-    labels = [lab for lab, _ in MODELS if any(lab in r for r in res["mae"].values())]
+    labels = [lab for lab in MODELS if any(lab in r for r in res["mae"].values())]
     lines = [f"Force MAE (eV/Å, against GFN2-xTB) on the saved frames of `{a.name}`'s unstable replicas, "
              "a lag before each replica's first bond beyond the tolerance.", "",
              "| frames | n | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
