@@ -438,8 +438,12 @@ def test_bond_scan_stretches_only_the_moved_fragment(xtb_data_root, tiny_pretrai
     ref = np.array(res["energy_rel_eV"]["GFN2-xTB (reference)"])
     assert abs(res["lengths"][int(ref.argmin())] - res["length_at_frame"]) < 0.15
     assert "QM(1k)" in res["energy_rel_eV"] and (tmp_path / "figures" / "bond_scan_0-1.png").is_file()
-    assert bond_scan.main(["--data", str(xtb_data_root), "--molecule", "ethanol", "--bond", "0", "1",
-                           "--move", "0", "1"]) == 2
+    bad = [["--move", "0", "1"], ["--frame", "100000"], ["--move", "1", "99"], ["--lengths", "2.0", "1.2", "5"]]
+    for args in bad:
+        dest = tmp_path / "bad"
+        assert bond_scan.main(["--data", str(xtb_data_root), "--molecule", "ethanol", "--bond", "0", "1",
+                               "--dest", str(dest), *(["--move", "1"] if "--move" not in args else []), *args]) == 2
+        assert not dest.exists()  # nothing written
 
 
 def test_prefailure_errors_on_a_made_up_trajectory(xtb_data_root, tiny_pretrained, tmp_path):
@@ -481,3 +485,6 @@ def test_prefailure_errors_on_a_made_up_trajectory(xtb_data_root, tiny_pretraine
     assert row["frames"] == 1
     assert row["QM(1k)"] == pytest.approx(float(np.abs(a.get_forces() - ref).mean()), rel=1e-5)
     assert prefailure_errors.main(["--eval", str(tmp_path), "--name", "x"]) == 2
+    assert prefailure_errors.main(["--eval", str(d), "--name", "x", "--dest", str(tmp_path / "bad"),
+                                   "--lags-ps", "0"]) == 2
+    assert not (tmp_path / "bad").exists()

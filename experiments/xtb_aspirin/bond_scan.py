@@ -16,7 +16,6 @@ Energies in eV.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:
 from mdsim.data.format import DataError, load_split, split_dir  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from study_models import on_frames, present  # noqa: E402
+from study_models import on_frames, present, write_results  # noqa: E402
 
 MODELS = ["QM(1k)", "QM(10k)", "StABlE(1k), paper settings", "StABlE(1k), lr 1e-2"]
 
@@ -70,6 +69,15 @@ def main(argv=None) -> int:
 
     from mdsim.calculator import StableCalculator
 
+    n_atoms = len(test.z)
+    if not 0 <= a.frame < len(test):
+        print(f"bond_scan: --frame {a.frame} is outside the test split's {len(test)} frames", file=sys.stderr)
+        return 2
+    bad = [k for k in (i, j, *a.move) if not 0 <= k < n_atoms]
+    if bad or i == j or a.lengths[0] <= 0 or a.lengths[1] <= a.lengths[0] or a.lengths[2] < 2:
+        print(f"bond_scan: expected atom indices in 0..{n_atoms - 1} with I != J (got {bad or [i, j]}) and "
+              "--lengths FROM TO N with 0 < FROM < TO, N >= 2", file=sys.stderr)
+        return 2
     R0 = np.asarray(test.R[a.frame], dtype=float)
     lengths = np.linspace(a.lengths[0], a.lengths[1], int(a.lengths[2]))
     r0 = float(np.linalg.norm(R0[j] - R0[i]))
@@ -84,16 +92,13 @@ def main(argv=None) -> int:
     name = f"bond_scan_{i}-{j}"
     res = {"frame": a.frame, "bond": [i, j], "moved": a.move, "length_at_frame": r0,
            "lengths": lengths.tolist(), "energy_rel_eV": curves}
-    dest = Path(a.dest)
-    (dest / "results").mkdir(parents=True, exist_ok=True)
-    (dest / "results" / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     labels = list(curves)
     rows = [f"Energy (eV, relative to test frame {a.frame} with its bond {i}–{j} at {r0:.3f} Å) with the "
             f"bond stretched by moving atoms {a.move} along it.", "",
             "| bond length (Å) | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for k, L in enumerate(lengths):
         rows.append(f"| {L:.2f} | " + " | ".join(f"{curves[lab][k]:.3f}" for lab in labels) + " |")
-    (dest / "results" / f"{name}.md").write_text("\n".join(rows) + "\n")
+    write_results(a.dest, name, res, "\n".join(rows))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,9 +110,8 @@ def main(argv=None) -> int:
     ax.set_ylabel("energy relative to the frame (eV)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    (dest / "figures").mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest / "figures" / f"{name}.png", dpi=120)
-    print("\n".join(rows))
+    (Path(a.dest) / "figures").mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(a.dest) / "figures" / f"{name}.png", dpi=120)
     return 0
 
 

@@ -15,7 +15,6 @@ Writes ``<dest>/results/energy_offset.json`` and ``energy_offset.md``.  Errors i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from mdsim.models import load_model  # noqa: E402
 from mdsim.training.pretrain import evaluate, refit_energy_offset  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from study_models import present  # noqa: E402
+from study_models import present, write_results  # noqa: E402
 
 MODELS = ["QM(1k)", "StABlE(1k), paper settings", "StABlE(1k), lr 1e-2",
           "efonly (energy-force term alone, lr 1e-2)", "QM(10k)"]
@@ -86,11 +85,7 @@ def main(argv=None) -> int:
         print("energy_offset: no checkpoint found", file=sys.stderr)
         return 2
     frames = min(a.max_frames, len(test))
-    dest = Path(a.dest) / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "energy_offset.json").write_text(json.dumps({"test_frames": frames, "models": res}, indent=1) + "\n")
-    (dest / "energy_offset.md").write_text(table(res, frames))
-    print(table(res, frames))
+    write_results(a.dest, "energy_offset", {"test_frames": frames, "models": res}, table(res, frames))
     return 0
 
 

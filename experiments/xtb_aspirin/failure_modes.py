@@ -22,6 +22,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -68,19 +69,37 @@ def first_failures(traj: np.ndarray, system: System, tol: float, chunk: int = 25
     return out
 
 
-def analyse_folder(d: Path, systems: dict) -> dict:
+class FolderFailures(NamedTuple):
+    """One evaluation folder's trajectory and, per replica, its first bond beyond the tolerance."""
+    cfg: dict  # simulate_config.yml
+    system: System  # bonds and reference lengths of the evaluation (1k train split)
+    traj: np.ndarray  # (R, F, N, 3) saved frames, memory-mapped
+    stable: np.ndarray  # (R,) bool: stable to the end
+    dt_frame: float  # ps between saved frames
+    hits: list  # first_failures(traj, system, tol)
+
+
+def folder_failures(d: Path, systems: Optional[dict] = None) -> FolderFailures:
+    """Load an evaluation folder (``inference/pre`` with ``full_traj.npy``) and find each replica's
+    first bond beyond the tolerance.  ``systems`` caches the System per data split."""
+    systems = {} if systems is None else systems
     cfg = yaml.safe_load((d / "simulate_config.yml").read_text())
     key = (cfg["src"], cfg["name"], cfg["molecule"], cfg["size"])
     if key not in systems:
         train = load_split(split_dir(cfg["src"], cfg["name"], cfg["molecule"], cfg["size"], "train"))
         systems[key] = System.from_split(train, stability_tolerance=cfg["bond_dev_tol"], dtype=torch.float64)
     system = systems[key]
-    tol = float(cfg["bond_dev_tol"])
     traj = np.load(d / "full_traj.npy", mmap_mode="r")
-    times = np.load(d / "replicas_stable_time.npy")
     stable = np.load(d / "replicas_stable.npy").astype(bool)
-    dt_frame = float(cfg["timestep"]) * int(cfg["n_dump"]) / 1000.0  # ps between saved frames
-    hits = first_failures(traj, system, tol)
+    dt_frame = float(cfg["timestep"]) * int(cfg["n_dump"]) / 1000.0
+    return FolderFailures(cfg, system, traj, stable, dt_frame,
+                          first_failures(traj, system, float(cfg["bond_dev_tol"])))
+
+
+def analyse_folder(d: Path, systems: dict) -> dict:
+    cfg, system, _, stable, dt_frame, hits = folder_failures(d, systems)
+    tol = float(cfg["bond_dev_tol"])
+    times = np.load(d / "replicas_stable_time.npy")
     by_type, by_bond, agree, failed = Counter(), Counter(), 0, 0
     for r, (f, b) in enumerate(hits):
         if stable[r]:

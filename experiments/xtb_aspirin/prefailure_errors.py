@@ -17,7 +17,6 @@ Writes ``<dest>/results/prefailure_<name>.{json,md}``.  Forces in eV/Å.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,28 +43,22 @@ def main(argv=None) -> int:
     if not (d / "full_traj.npy").is_file() or not (d / "simulate_config.yml").is_file():
         print(f"prefailure_errors: {d}: no full_traj.npy/simulate_config.yml (trajectory not kept?)", file=sys.stderr)
         return 2
-    import torch
-    import yaml
+    if min(a.lags_ps) <= 0:
+        print("prefailure_errors: --lags-ps must be > 0 (ps before the failure)", file=sys.stderr)
+        return 2
     from ase import Atoms
     from tblite.ase import TBLite
 
-    from failure_modes import first_failures
-    from study_models import on_frames, present
+    from failure_modes import folder_failures
     from mdsim.calculator import StableCalculator
-    from mdsim.data.format import load_split, split_dir
-    from mdsim.md.system import System
+    from study_models import on_frames, present, write_results
 
-    cfg = yaml.safe_load((d / "simulate_config.yml").read_text())
-    train = load_split(split_dir(cfg["src"], cfg["name"], cfg["molecule"], cfg["size"], "train"))
-    system = System.from_split(train, stability_tolerance=cfg["bond_dev_tol"], dtype=torch.float64)
-    traj = np.load(d / "full_traj.npy", mmap_mode="r")
-    stable = np.load(d / "replicas_stable.npy").astype(bool)
-    dt_frame = float(cfg["timestep"]) * int(cfg["n_dump"]) / 1000.0
-    hits = first_failures(traj, system, float(cfg["bond_dev_tol"]))
+    _, system, traj, stable, dt_frame, hits = folder_failures(d)
+    z = system.atomic_numbers.numpy()
     res = {"eval": d.as_posix(), "lags_ps": a.lags_ps, "mae": {}}
     for lag in a.lags_ps:
         k = int(round(lag / dt_frame))
-        frames = [Atoms(numbers=train.z, positions=np.asarray(traj[r, f - k], dtype=float))
+        frames = [Atoms(numbers=z, positions=np.asarray(traj[r, f - k], dtype=float))
                   for r, (f, _) in enumerate(hits) if not stable[r] and f is not None and f - k >= 0]
         ref = on_frames(frames, TBLite(method="GFN2-xTB", verbosity=0), "forces")
         row = {"frames": len(frames)}
@@ -80,11 +73,7 @@ def main(argv=None) -> int:
     for lag, row in res["mae"].items():
         lines.append(f"| {lag} before failure | {row['frames']} | "
                      + " | ".join(f"{row[lab]:.3f}" for lab in labels) + " |")
-    dest = Path(a.dest) / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"prefailure_{a.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (dest / f"prefailure_{a.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(a.dest, f"prefailure_{a.name}", res, "\n".join(lines))
     return 0
 
 

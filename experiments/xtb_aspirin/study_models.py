@@ -2,6 +2,7 @@
 (``energy_offset.py``, ``bond_scan.py``, ``prefailure_errors.py``)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence, Tuple
@@ -31,9 +32,21 @@ def present(directory, labels: Sequence[str], prog: str) -> Iterator[Tuple[str, 
 def on_frames(atoms_list, calc, what: str = "energy") -> np.ndarray:
     """``calc``'s energies (``what="energy"``, eV) or forces (``"forces"``, eV/Å) on each of
     ``atoms_list`` (copies: the frames keep no calculator)."""
+    if what not in ("energy", "forces"):
+        raise ValueError(f"on_frames: what must be 'energy' or 'forces', got {what!r}")
     out = []
     for a in atoms_list:
         a = a.copy()
         a.calc = calc
         out.append(a.get_potential_energy() if what == "energy" else a.get_forces())
     return np.array(out)
+
+
+def write_results(dest, name: str, data: dict, markdown: str) -> None:
+    """``<dest>/results/<name>.json`` (``data``) and ``<name>.md`` (``markdown``, also printed)."""
+    out = Path(dest) / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = markdown.rstrip("\n") + "\n"
+    (out / f"{name}.md").write_text(text)
+    print(text, end="")
